@@ -1,0 +1,16 @@
+//! Shared pieces of enclave-net's two daemons.
+//!
+//! Layers, from the wire up:
+//! - [`wire`]: the sans-IO stream header and status codec (the protocol primer lives there);
+//! - [`transport`]: `vsock:CID:PORT` and `unix:PATH` link addresses and streams, with the 32 KiB
+//!   write cap;
+//! - [`handshake`]: reading and writing those messages on a stream with deadlines;
+//! - [`ports`]: port lists such as `80,443,8000-8100`;
+//! - [`telemetry`]: tracing set-up and shutdown signals.
+#![forbid(unsafe_code)]
+
+pub mod handshake;
+pub mod ports;
+pub mod telemetry;
+pub mod transport;
+pub mod wire;

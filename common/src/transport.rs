@@ -1,0 +1,262 @@
+//! The link between the two daemons: real vsock, or a Unix socket standing in for it.
+//!
+//! Every place that talks to the other daemon takes a [`LinkAddr`], written `vsock:CID:PORT` or
+//! `unix:PATH`. Both forms produce a [`Stream`], and everything above this module is the same
+//! for both.
+//!
+//! Every single write to a stream is capped at [`MAX_WRITE`] bytes: on Nitro, vsock writes larger
+//! than 32 KiB have caused silent data corruption with guest kernels after Aug 2025
+//! (DESIGN.md, "Platform facts"). The cap is applied in [`Stream::poll_write`], so no caller can
+//! forget it.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+
+/// The largest single write to a stream (DESIGN.md: cap every vsock write at 32 KiB).
+pub const MAX_WRITE: usize = 32 * 1024;
+
+/// Where the other daemon is, or where to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkAddr {
+    /// Real AF_VSOCK. A CID of `u32::MAX` (`VMADDR_CID_ANY`, written `any`) is for listening.
+    Vsock {
+        /// Context ID; 3 is the parent instance.
+        cid: u32,
+        /// vsock port.
+        port: u32,
+    },
+    /// A Unix stream socket standing in for vsock (shared across network namespaces).
+    Unix(PathBuf),
+}
+
+/// Why a link address could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddrError {
+    /// No `vsock:` or `unix:` prefix.
+    #[error("{0:?} is not a link address: use vsock:CID:PORT or unix:PATH")]
+    Scheme(String),
+    /// A vsock address without both parts, or with non-numbers.
+    #[error("{0:?} is not vsock:CID:PORT (CID a number or `any`, PORT a number)")]
+    Vsock(String),
+    /// `unix:` with nothing after it.
+    #[error("unix: needs a path")]
+    EmptyPath,
+}
+
+impl FromStr for LinkAddr {
+    type Err = AddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(rest) = s.strip_prefix("vsock:") {
+            let (cid, port) = rest
+                .split_once(':')
+                .ok_or_else(|| AddrError::Vsock(s.into()))?;
+            let cid = if cid == "any" {
+                VMADDR_CID_ANY
+            } else {
+                cid.parse().map_err(|_| AddrError::Vsock(s.into()))?
+            };
+            let port = port.parse().map_err(|_| AddrError::Vsock(s.into()))?;
+            Ok(LinkAddr::Vsock { cid, port })
+        } else if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(AddrError::EmptyPath);
+            }
+            Ok(LinkAddr::Unix(path.into()))
+        } else {
+            Err(AddrError::Scheme(s.into()))
+        }
+    }
+}
+
+impl fmt::Display for LinkAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkAddr::Vsock { cid, port } if *cid == VMADDR_CID_ANY => {
+                write!(f, "vsock:any:{port}")
+            }
+            LinkAddr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            LinkAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl LinkAddr {
+    /// Opens a stream to this address.
+    pub async fn connect(&self) -> io::Result<Stream> {
+        match self {
+            LinkAddr::Vsock { cid, port } => Ok(Stream::Vsock(
+                VsockStream::connect(VsockAddr::new(*cid, *port)).await?,
+            )),
+            LinkAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+        }
+    }
+
+    /// Starts listening on this address.
+    ///
+    /// A Unix socket file left behind by a daemon that died is removed first; a live one (some
+    /// process still accepts on it) makes this fail with `AddrInUse`.
+    pub async fn listen(&self) -> io::Result<Listener> {
+        match self {
+            LinkAddr::Vsock { cid, port } => Ok(Listener::Vsock(VsockListener::bind(
+                VsockAddr::new(*cid, *port),
+            )?)),
+            LinkAddr::Unix(path) => {
+                if path.exists() {
+                    match UnixStream::connect(path).await {
+                        Ok(_) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                format!("{} is in use by a live listener", path.display()),
+                            ))
+                        }
+                        Err(_) => std::fs::remove_file(path)?,
+                    }
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+        }
+    }
+}
+
+/// A listening link socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// AF_VSOCK.
+    Vsock(VsockListener),
+    /// A Unix socket, with its path so that it can be removed on drop.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Waits for the next stream; returns it with a description of the peer for logs.
+    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Vsock(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok((Stream::Vsock(s), format!("vsock:{}:{}", peer.cid(), peer.port())))
+            }
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), format!("unix:{}", path.display())))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connected link stream, vsock or Unix. Writes are capped at [`MAX_WRITE`] bytes each.
+#[derive(Debug)]
+pub enum Stream {
+    /// AF_VSOCK.
+    Vsock(VsockStream),
+    /// Unix stream socket.
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Vsock(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let buf = &buf[..buf.len().min(MAX_WRITE)];
+        match self.get_mut() {
+            Stream::Vsock(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Vsock(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Vsock(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_forms_and_rejects_the_rest() {
+        assert_eq!(
+            "vsock:3:5001".parse(),
+            Ok(LinkAddr::Vsock { cid: 3, port: 5001 })
+        );
+        assert_eq!(
+            "vsock:any:5000".parse(),
+            Ok(LinkAddr::Vsock {
+                cid: VMADDR_CID_ANY,
+                port: 5000
+            })
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse(),
+            Ok(LinkAddr::Unix("/run/x.sock".into()))
+        );
+        assert!(matches!(
+            "tcp:1.2.3.4:5".parse::<LinkAddr>(),
+            Err(AddrError::Scheme(_))
+        ));
+        assert!(matches!(
+            "vsock:3".parse::<LinkAddr>(),
+            Err(AddrError::Vsock(_))
+        ));
+        assert!(matches!(
+            "vsock:x:1".parse::<LinkAddr>(),
+            Err(AddrError::Vsock(_))
+        ));
+        assert_eq!("unix:".parse::<LinkAddr>(), Err(AddrError::EmptyPath));
+        assert_eq!(
+            "vsock:any:5000".parse::<LinkAddr>().unwrap().to_string(),
+            "vsock:any:5000"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_are_capped_at_32k() {
+        use tokio::io::AsyncWriteExt;
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut s = Stream::Unix(a);
+        let big = vec![7u8; 200 * 1024];
+        let n = s.write(&big).await.unwrap();
+        assert!(n <= MAX_WRITE, "wrote {n} bytes in one call");
+    }
+}
