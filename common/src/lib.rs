@@ -5,11 +5,13 @@
 //! - [`transport`]: `vsock:CID:PORT` and `unix:PATH` link addresses and streams, with the 32 KiB
 //!   write cap;
 //! - [`handshake`]: reading and writing those messages on a stream with deadlines;
+//! - [`metrics`]: connection and byte counters;
 //! - [`ports`]: port lists such as `80,443,8000-8100`;
 //! - [`telemetry`]: tracing set-up and shutdown signals.
 #![forbid(unsafe_code)]
 
 pub mod handshake;
+pub mod metrics;
 pub mod ports;
 pub mod telemetry;
 pub mod transport;

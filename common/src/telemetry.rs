@@ -50,3 +50,16 @@ pub async fn shutdown_signal() {
         _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
     }
 }
+
+/// Raises the soft open-file limit to the hard limit: each proxied connection holds two
+/// descriptors, and the usual soft limit of 1024 would cap a daemon at a few hundred connections.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("could not raise the open-file limit from {soft}: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Egress: streams from enclave-proxy, each asking for one TCP connection out.
+//!
+//! For every stream: read the header (bounded in time and size), check the policy, connect with a
+//! bounded timeout, answer with a status, then splice. A bad stream is answered `bad request`
+//! where possible, logged, and closed; every other stream carries on.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::handshake::{read_header, write_status};
+use common::metrics::Counters;
+use common::transport::{Listener, Stream};
+use common::wire::{Kind, Status};
+use tokio::net::TcpStream;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::policy::Action;
+use crate::Shared;
+
+/// Accepts egress streams until the task is cancelled.
+pub async fn serve(listener: Listener, shared: Arc<Shared>) {
+    let mut next_id: u64 = 0;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("egress accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let span = info_span!("egress", conn.id = next_id, link.peer = %peer);
+        tokio::spawn(handle(stream, shared.clone()).instrument(span));
+    }
+}
+
+async fn handle(mut link: Stream, shared: Arc<Shared>) {
+    let Ok(_permit) = shared.permits.clone().try_acquire_owned() else {
+        warn!("connection cap reached, refusing egress stream");
+        Counters::bump(&shared.counters.failed);
+        let _ = write_status(&mut link, Status::Unreachable).await;
+        return;
+    };
+    let header = match read_header(&mut link, shared.config.handshake_timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!("dropping egress stream: {e}");
+            Counters::bump(&shared.counters.failed);
+            let _ = write_status(&mut link, Status::BadRequest).await;
+            return;
+        }
+    };
+    if header.kind != Kind::TcpEgress {
+        warn!(kind = ?header.kind, "dropping stream: not an egress request");
+        Counters::bump(&shared.counters.failed);
+        let _ = write_status(&mut link, Status::BadRequest).await;
+        return;
+    }
+    let span = info_span!("tcp", tcp.src = %header.src, tcp.dst = %header.dst);
+    carry(link, header.dst, shared).instrument(span).await;
+}
+
+async fn carry(mut link: Stream, dst: SocketAddr, shared: Arc<Shared>) {
+    let mut tcp = match connect(dst, &shared).await {
+        Ok(tcp) => tcp,
+        Err(status) => {
+            shared.counters.failure(status);
+            let _ = write_status(&mut link, status).await;
+            return;
+        }
+    };
+    if let Err(e) = write_status(&mut link, Status::Ok).await {
+        debug!("enclave went away before the status: {e}");
+        return;
+    }
+    Counters::bump(&shared.counters.opened);
+    crate::splice::pump(&mut tcp, &mut link, &shared.counters).await;
+}
+
+/// Applies the policy and connects, mapping every failure to the status the enclave sees.
+async fn connect(dst: SocketAddr, shared: &Shared) -> Result<TcpStream, Status> {
+    if shared.policy.check(dst) == Action::Deny {
+        debug!("denied by egress policy");
+        return Err(Status::Denied);
+    }
+    let limit = shared.config.connect_timeout;
+    match tokio::time::timeout(limit, TcpStream::connect(dst)).await {
+        Err(_) => {
+            debug!("connect timed out after {limit:?}");
+            Err(Status::TimedOut)
+        }
+        Ok(Err(e)) => {
+            let status = status_of(&e);
+            debug!("connect failed ({status}): {e}");
+            Err(status)
+        }
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+    }
+}
+
+/// The status that best describes a failed connect.
+pub fn status_of(e: &io::Error) -> Status {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Status::Refused,
+        io::ErrorKind::TimedOut => Status::TimedOut,
+        io::ErrorKind::PermissionDenied => Status::Denied,
+        _ => Status::Unreachable,
+    }
+}

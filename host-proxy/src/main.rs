@@ -1,0 +1,16 @@
+//! host-proxy binary: parse, set up tracing, run.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let config = host_proxy::Config::parse();
+    common::telemetry::init(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(host_proxy::run(config))?;
+    // Connection tasks still running are dropped here, which closes their sockets.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(())
+}
