@@ -6,10 +6,12 @@
 //!   write cap;
 //! - [`handshake`]: reading and writing those messages on a stream with deadlines;
 //! - [`metrics`]: connection and byte counters;
+//! - [`cli`]: command-line value parsers;
 //! - [`ports`]: port lists such as `80,443,8000-8100`;
 //! - [`telemetry`]: tracing set-up and shutdown signals.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod handshake;
 pub mod metrics;
 pub mod ports;

@@ -1,1 +1,119 @@
-//! placeholder
+//! enclave-proxy: the in-enclave half of enclave-net.
+//!
+//! Layers, from the wire up (smoltcp's `phy/`, `iface/`, `socket/` split is the model):
+//! - [`sys`]: the TUNSETIFF ioctl, the one unsafe block;
+//! - [`tap`]: the TAP device as a smoltcp `Device`, with the SYN filter in front;
+//! - [`packet`]: sans-IO frame work: spotting SYNs, writing ICMP errors;
+//! - [`netlink`]: addresses, MTU, link state and the default route, over rtnetlink;
+//! - [`stack`]: the single task that owns smoltcp, the sockets and the link streams;
+//! - [`conn`]: one connection's state machine and zero-copy byte pump;
+//! - [`egress`] and [`ingress`]: stream set-up with host-proxy.
+//!
+//! Nothing here touches netfilter: the enclave's rules belong to Docker.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod conn;
+pub mod egress;
+pub mod ingress;
+pub mod netlink;
+pub mod packet;
+pub mod stack;
+pub mod sys;
+pub mod tap;
+
+use std::sync::Arc;
+
+use common::metrics::Counters;
+use tracing::info;
+
+pub use config::Config;
+
+/// Why enclave-proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad combination of options.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The TAP device could not be opened.
+    #[error("cannot open TAP device {name}: {source}")]
+    Tap {
+        /// The device name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Netlink configuration failed.
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
+    /// The ingress listen address could not be bound.
+    #[error("cannot listen for ingress streams on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: common::transport::LinkAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs enclave-proxy until SIGTERM or SIGINT. Must run on a current-thread runtime: the stack
+/// task and its helpers share one thread, so wakers never cross threads.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    config.validate().map_err(StartError::Config)?;
+    common::telemetry::raise_fd_limit();
+    let tap_err = |source| StartError::Tap {
+        name: config.tap.clone(),
+        source,
+    };
+    let file = sys::open_tap(&config.tap).map_err(tap_err)?;
+    let tap = tap::Tap::new(file, config.mtu as usize).map_err(tap_err)?;
+    netlink::configure(&netlink::TapConfig {
+        name: config.tap.clone(),
+        address: config.address.0,
+        prefix: config.address.1,
+        gateway: config.gateway,
+        mtu: config.mtu,
+    })
+    .await?;
+
+    let listener = config
+        .listen
+        .listen()
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let counters = Arc::new(Counters::default());
+    let settings = stack::Settings {
+        address: config.address,
+        gateway: config.gateway,
+        host: config.host.clone(),
+        connect_timeout: config.connect_timeout,
+        buffer: config.tcp_buffer_kib as usize * 1024,
+        max_connections: config.max_connections,
+    };
+    let (stack, events) = stack::Stack::new(tap, settings, counters.clone());
+    let accept = tokio::spawn(ingress::serve(
+        listener,
+        config.expose.clone(),
+        config.handshake_timeout,
+        events,
+        counters.clone(),
+    ));
+    info!(
+        tap = %config.tap,
+        address = %format!("{}/{}", config.address.0, config.address.1),
+        gateway = %config.gateway,
+        mtu = config.mtu,
+        host = %config.host,
+        listen = %config.listen,
+        "enclave-proxy ready"
+    );
+    stack.run(common::telemetry::shutdown_signal()).await;
+    accept.abort();
+    counters.log("enclave-proxy");
+    Ok(())
+}

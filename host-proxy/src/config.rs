@@ -36,11 +36,11 @@ pub struct Config {
     pub deny: Vec<Rule>,
 
     /// How long an egress connect to a destination may take.
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = common::cli::parse_secs)]
     pub connect_timeout: Duration,
 
     /// How long a peer may take to send a header or a status.
-    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = common::cli::parse_secs)]
     pub handshake_timeout: Duration,
 
     /// The most connections carried at once, ingress and egress together.
@@ -58,12 +58,4 @@ fn parse_allow(s: &str) -> Result<Rule, String> {
 
 fn parse_deny(s: &str) -> Result<Rule, String> {
     Rule::parse(s, Action::Deny).map_err(|e| e.to_string())
-}
-
-/// Parses a positive number of seconds, fractions allowed.
-pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!("{s:?} is not a positive number of seconds")),
-    }
 }

@@ -1,0 +1,98 @@
+//! Command-line configuration.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use clap::Parser;
+use common::ports::PortSet;
+use common::telemetry::LogFormat;
+use common::transport::LinkAddr;
+
+/// enclave-net's in-enclave daemon: owns the TAP device that is the enclave's default route and
+/// carries every TCP connection across it to and from host-proxy, one vsock stream each.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "enclave-proxy", version)]
+pub struct Config {
+    /// Where egress streams go: host-proxy's --listen (vsock:CID:PORT or unix:PATH).
+    #[arg(long, value_name = "ADDR", default_value = "vsock:3:5001")]
+    pub host: LinkAddr,
+
+    /// Where ingress streams from host-proxy arrive.
+    #[arg(long, value_name = "ADDR", default_value = "vsock:any:5000")]
+    pub listen: LinkAddr,
+
+    /// TAP device name.
+    #[arg(long, default_value = "tap0")]
+    pub tap: String,
+
+    /// The enclave kernel's side of the TAP, as ADDRESS/PREFIX.
+    #[arg(long, value_name = "CIDR", default_value = "10.240.0.2/30", value_parser = parse_cidr)]
+    pub address: (Ipv4Addr, u8),
+
+    /// The userspace stack's side of the TAP: the enclave's default gateway.
+    #[arg(long, value_name = "IP", default_value = "10.240.0.1")]
+    pub gateway: Ipv4Addr,
+
+    /// TAP MTU. The default, 65520, was chosen by measurement: the userspace stack costs a roughly
+    /// fixed amount per packet, so the largest frames move the most bytes per CPU cycle (see
+    /// README, "Choosing the MTU").
+    #[arg(long, default_value = "65520", value_parser = clap::value_parser!(u32).range(576..=65521))]
+    pub mtu: u32,
+
+    /// Enclave ports that ingress may reach, like 80,443,8000-8100 (default: all). Streams for
+    /// other ports are answered "denied": the host is untrusted.
+    #[arg(long, value_name = "PORTS")]
+    pub expose: Option<PortSet>,
+
+    /// How long an egress connection may take to be confirmed by host-proxy, and an ingress
+    /// connection to be accepted inside the enclave.
+    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = common::cli::parse_secs)]
+    pub connect_timeout: Duration,
+
+    /// How long host-proxy may take to send an ingress header.
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = common::cli::parse_secs)]
+    pub handshake_timeout: Duration,
+
+    /// The most connections carried at once.
+    #[arg(long, default_value = "16384")]
+    pub max_connections: usize,
+
+    /// Per-connection TCP buffer in each direction, in KiB. Memory is only committed as it is
+    /// used, so idle connections stay small.
+    #[arg(long, value_name = "KIB", default_value = "512", value_parser = clap::value_parser!(u32).range(16..=65536))]
+    pub tcp_buffer_kib: u32,
+
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Checks what clap cannot: that the gateway sits on the TAP's subnet and differs from the
+    /// enclave address.
+    pub fn validate(&self) -> Result<(), String> {
+        let (addr, prefix) = self.address;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        if u32::from(addr) & mask != u32::from(self.gateway) & mask {
+            return Err(format!(
+                "--gateway {} is not on the subnet of --address {addr}/{prefix}",
+                self.gateway
+            ));
+        }
+        if addr == self.gateway {
+            return Err(format!("--gateway and --address are both {addr}"));
+        }
+        Ok(())
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let err = || format!("{s:?} is not an IPv4 ADDRESS/PREFIX such as 10.240.0.2/30");
+    let (a, p) = s.split_once('/').ok_or_else(err)?;
+    let addr: Ipv4Addr = a.parse().map_err(|_| err())?;
+    let prefix: u8 = p.parse().map_err(|_| err())?;
+    if prefix == 0 || prefix > 30 {
+        return Err(format!("{s:?}: the prefix must be 1 to 30, to leave room for the gateway"));
+    }
+    Ok((addr, prefix))
+}

@@ -1,0 +1,254 @@
+//! One carried connection: a smoltcp TCP socket on one side, a link stream on the other.
+//!
+//! The stack task owns both and moves bytes between them without an intermediate buffer:
+//! `socket.recv` hands its receive ring straight to the stream's `poll_write`, and `socket.send`
+//! hands its free transmit ring straight to the stream's `poll_read`. Back-pressure is therefore
+//! the TCP window: the stream is only read while the socket has send space, and the socket is
+//! only drained while the stream accepts writes.
+//!
+//! Both ends wake the connection through one [`Waker`] that queues its socket handle for the
+//! stack task: the stream registers it when a poll returns `Pending`, smoltcp when the socket's
+//! receive or send state changes.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use common::transport::Stream;
+use common::wire::{Kind, Status, STATUS_LEN};
+use smoltcp::socket::tcp::{self, State};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tracing::{debug, Span};
+
+use crate::packet::FlowKey;
+
+/// Where a connection is. "app" is the enclave side (the smoltcp socket), "link" is host-proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// The TCP handshake with the enclave kernel is under way (egress: SYN-ACK sent; ingress:
+    /// SYN sent). Nothing moves yet.
+    Connecting {
+        /// When to give up.
+        deadline: Instant,
+    },
+    /// Bytes move both ways ("link->app" and "app->link").
+    Open,
+    /// The link sent EOF, so a FIN is queued to the app; "app->link" still moves.
+    LinkClosed,
+    /// The app sent FIN, so the link is shut down for writing; "link->app" still moves.
+    AppClosed,
+    /// Both directions are finished; smoltcp is completing its close.
+    Closing,
+}
+
+/// What the stack should do with a connection after servicing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Keep it; it will be woken again.
+    Keep,
+    /// Both directions closed cleanly.
+    Done,
+    /// It was reset (by the app, by a link error or by a time-out); drop the link.
+    Reset,
+    /// Ingress set-up failed: tell host-proxy this status, then close the link.
+    Refuse(Status),
+}
+
+/// One carried connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The link stream to host-proxy.
+    pub link: Stream,
+    /// The flow, as the enclave kernel sees it.
+    pub key: FlowKey,
+    /// Which way it was opened.
+    pub kind: Kind,
+    /// Where it is.
+    pub state: ConnState,
+    /// Wakes the stack for this connection.
+    pub waker: Waker,
+    /// The connection's tracing span.
+    pub span: Span,
+    /// Bytes of the ingress `ok` status still to write before any payload.
+    status_left: usize,
+    /// Payload bytes link->app.
+    pub to_app: u64,
+    /// Payload bytes app->link.
+    pub from_app: u64,
+}
+
+fn is_synchronized(state: State) -> bool {
+    !matches!(
+        state,
+        State::Closed | State::Listen | State::SynSent | State::SynReceived
+    )
+}
+
+impl Conn {
+    /// A new connection in the `Connecting` state.
+    pub fn new(
+        link: Stream,
+        key: FlowKey,
+        kind: Kind,
+        deadline: Instant,
+        waker: Waker,
+        span: Span,
+    ) -> Conn {
+        Conn {
+            link,
+            key,
+            kind,
+            state: ConnState::Connecting { deadline },
+            waker,
+            span,
+            status_left: 0,
+            to_app: 0,
+            from_app: 0,
+        }
+    }
+
+    /// Moves whatever can move now. Never blocks; registers the waker wherever it would.
+    pub fn pump(&mut self, socket: &mut tcp::Socket, now: Instant) -> Outcome {
+        let waker = self.waker.clone();
+        let mut cx = Context::from_waker(&waker);
+        if let ConnState::Connecting { deadline } = self.state {
+            match socket.state() {
+                s if is_synchronized(s) => {
+                    debug!(parent: &self.span, "enclave handshake complete");
+                    self.state = ConnState::Open;
+                    if self.kind == Kind::TcpIngress {
+                        self.status_left = STATUS_LEN;
+                    }
+                }
+                State::Closed => {
+                    return match self.kind {
+                        Kind::TcpIngress => Outcome::Refuse(Status::Refused),
+                        Kind::TcpEgress => Outcome::Reset,
+                    }
+                }
+                _ if now >= deadline => {
+                    socket.abort();
+                    return match self.kind {
+                        Kind::TcpIngress => Outcome::Refuse(Status::TimedOut),
+                        Kind::TcpEgress => Outcome::Reset,
+                    };
+                }
+                _ => return Outcome::Keep,
+            }
+        }
+        match self.write_status(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Pending => return Outcome::Keep,
+            Poll::Ready(Err(e)) => return self.fail(socket, "link->host status", e),
+        }
+        if matches!(self.state, ConnState::Open | ConnState::LinkClosed) {
+            if let Err(e) = self.app_to_link(socket, &mut cx) {
+                return self.fail(socket, "app->link", e);
+            }
+        }
+        if matches!(self.state, ConnState::Open | ConnState::AppClosed) {
+            if let Err(e) = self.link_to_app(socket, &mut cx) {
+                return self.fail(socket, "link->app", e);
+            }
+        }
+        match socket.state() {
+            State::Closed | State::TimeWait if self.state == ConnState::Closing => Outcome::Done,
+            State::Closed => {
+                debug!(parent: &self.span, "reset by the enclave side");
+                Outcome::Reset
+            }
+            _ => Outcome::Keep,
+        }
+    }
+
+    fn fail(&mut self, socket: &mut tcp::Socket, dir: &str, e: io::Error) -> Outcome {
+        debug!(parent: &self.span, "{dir} failed, resetting: {e}");
+        socket.abort();
+        Outcome::Reset
+    }
+
+    /// Writes what is left of the ingress `ok` status.
+    fn write_status(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let status = Status::Ok.encode();
+        while self.status_left > 0 {
+            let from = STATUS_LEN - self.status_left;
+            match Pin::new(&mut self.link).poll_write(cx, &status[from..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.status_left -= n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Drains the socket's receive buffer into the link; on the app's FIN, shuts the link down
+    /// for writing.
+    fn app_to_link(&mut self, socket: &mut tcp::Socket, cx: &mut Context<'_>) -> io::Result<()> {
+        let link = &mut self.link;
+        while socket.can_recv() {
+            let written = socket.recv(|buf| match Pin::new(&mut *link).poll_write(cx, buf) {
+                Poll::Ready(Ok(n)) => (n, Ok(n)),
+                Poll::Ready(Err(e)) => (0, Err(e)),
+                Poll::Pending => (0, Ok(0)),
+            });
+            match written {
+                Ok(Ok(0)) | Err(_) => return Ok(()),
+                Ok(Ok(n)) => self.from_app += n as u64,
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        if !socket.may_recv() {
+            // Everything the app sent before its FIN has been written; pass the FIN on.
+            match Pin::new(&mut self.link).poll_shutdown(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(r) => {
+                    if let Err(e) = r {
+                        debug!(parent: &self.span, "link shutdown(WR) failed: {e}");
+                    }
+                    debug!(parent: &self.span, bytes = self.from_app, "app->link finished");
+                    self.state = match self.state {
+                        ConnState::LinkClosed => ConnState::Closing,
+                        _ => ConnState::AppClosed,
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the socket's send buffer from the link; on the link's EOF, queues a FIN to the app.
+    fn link_to_app(&mut self, socket: &mut tcp::Socket, cx: &mut Context<'_>) -> io::Result<()> {
+        let link = &mut self.link;
+        while socket.can_send() {
+            let read = socket.send(|buf| {
+                let mut rb = ReadBuf::new(buf);
+                match Pin::new(&mut *link).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        (n, Ok(Some(n)))
+                    }
+                    Poll::Ready(Err(e)) => (0, Err(e)),
+                    Poll::Pending => (0, Ok(None)),
+                }
+            });
+            match read {
+                Ok(Ok(Some(0))) => {
+                    // EOF from the link: FIN after everything queued.
+                    socket.close();
+                    debug!(parent: &self.span, bytes = self.to_app, "link->app finished");
+                    self.state = match self.state {
+                        ConnState::AppClosed => ConnState::Closing,
+                        _ => ConnState::LinkClosed,
+                    };
+                    return Ok(());
+                }
+                Ok(Ok(Some(n))) => self.to_app += n as u64,
+                Ok(Ok(None)) | Err(_) => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! Ingress streams from host-proxy: accepted, their headers checked against `--expose`, then
+//! handed to the stack task.
+//!
+//! The host is untrusted: a stream with a malformed, truncated or slow header, the wrong kind, or
+//! a port outside `--expose` is answered and closed here, and never reaches the stack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::handshake::{read_header, write_status};
+use common::metrics::Counters;
+use common::ports::PortSet;
+use common::transport::{Listener, Stream};
+use common::wire::{Kind, Status};
+use tokio::sync::mpsc;
+use tracing::{debug, info_span, warn, Instrument, Span};
+
+use crate::stack::Event;
+
+/// Accepts ingress streams until cancelled.
+pub async fn serve(
+    listener: Listener,
+    expose: Option<PortSet>,
+    handshake_timeout: Duration,
+    events: mpsc::Sender<Event>,
+    counters: Arc<Counters>,
+) {
+    let expose = Arc::new(expose);
+    let mut next_id: u64 = 0;
+    loop {
+        let (link, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("ingress accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let span = info_span!("ingress", conn.id = next_id, link.peer = %peer);
+        let task = admit(link, expose.clone(), handshake_timeout, events.clone(), counters.clone());
+        tokio::spawn(task.instrument(span));
+    }
+}
+
+async fn admit(
+    mut link: Stream,
+    expose: Arc<Option<PortSet>>,
+    limit: Duration,
+    events: mpsc::Sender<Event>,
+    counters: Arc<Counters>,
+) {
+    let header = match read_header(&mut link, limit).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!("dropping ingress stream: {e}");
+            counters.failure(Status::BadRequest);
+            let _ = write_status(&mut link, Status::BadRequest).await;
+            return;
+        }
+    };
+    let span = Span::current();
+    span.record("tcp.peer", tracing::field::display(header.src));
+    if header.kind != Kind::TcpIngress {
+        warn!(kind = ?header.kind, "dropping stream: not an ingress request");
+        counters.failure(Status::BadRequest);
+        let _ = write_status(&mut link, Status::BadRequest).await;
+        return;
+    }
+    let port = header.dst.port();
+    if expose.as_ref().as_ref().is_some_and(|set| !set.contains(port)) {
+        warn!(client = %header.src, port, "denied: port is not in --expose");
+        counters.failure(Status::Denied);
+        let _ = write_status(&mut link, Status::Denied).await;
+        return;
+    }
+    debug!(client = %header.src, port, "ingress stream accepted");
+    let span = info_span!("tcp", tcp.peer = %header.src, enclave.port = port);
+    let _ = events.send(Event::Ingress { header, link, span }).await;
+}
+
+/// Answers an ingress stream with a failure status and closes it, off the stack task.
+pub fn refuse(mut link: Stream, status: Status, span: Span) {
+    tokio::spawn(
+        async move {
+            let write = write_status(&mut link, status);
+            if tokio::time::timeout(Duration::from_secs(2), write).await.is_err() {
+                debug!("host-proxy did not take the {status} status");
+            }
+        }
+        .instrument(span),
+    );
+}

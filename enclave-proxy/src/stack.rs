@@ -1,0 +1,507 @@
+//! The stack loop: one task owns the smoltcp interface, its sockets, the TAP device and every
+//! connection's link stream (embassy-net's runner is the model; nothing here is behind a lock).
+//!
+//! Each turn of the loop:
+//! 1. takes events from the other tasks: host-proxy's answers for held SYNs, and accepted
+//!    ingress streams;
+//! 2. polls smoltcp, which reads a bounded burst of frames from the TAP (passing them through
+//!    the SYN filter in [`crate::tap`]) and sends what the sockets have queued;
+//! 3. opens a stream to host-proxy for each new SYN;
+//! 4. services only the connections whose waker fired;
+//! 5. polls smoltcp's egress again, so what step 4 queued goes out at once;
+//! 6. sleeps until the TAP is readable, a waker fires, an event arrives or smoltcp's next timer.
+//!
+//! # How ingress injects a connection
+//!
+//! For an ingress stream naming client `C:p` and enclave port `P`, a smoltcp socket *connects*
+//! from `C:p` to the enclave's own TAP address at `P`. smoltcp runs in any-IP mode with a default
+//! route through its own address, so it sends that SYN from a foreign address and accepts the
+//! kernel's replies to it. To the enclave kernel it is an ordinary connection arriving on tap0:
+//! Docker's DNAT applies and the server sees `C` as its peer. Clients that cannot be a source on
+//! the TAP (loopback, the TAP subnet itself, IPv6 while the TAP is IPv4-only) are sourced from the
+//! gateway address with a port of the stack's own choosing.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Wake, Waker};
+use std::time::Duration;
+
+use common::metrics::Counters;
+use common::transport::{LinkAddr, Stream};
+use common::wire::{Header, Kind, Status};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, CongestionControl};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument, Span};
+
+use crate::conn::{Conn, Outcome};
+use crate::packet::{icmp_unreachable, FlowKey, Unreachable};
+use crate::tap::{HeldSyn, Tap, RX_BUDGET};
+
+/// The stack's MAC on the TAP: locally administered, fixed, so ARP caches survive restarts.
+pub const STACK_MAC: EthernetAddress = EthernetAddress([0x02, 0x65, 0x6e, 0x65, 0x74, 0x01]);
+
+/// Ports the stack picks from when it must source an ingress connection from the gateway.
+const GATEWAY_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+
+/// Work handed to the stack task by the other tasks.
+#[derive(Debug)]
+pub enum Event {
+    /// host-proxy's answer for a held SYN.
+    Egress {
+        /// The SYN.
+        held: HeldSyn,
+        /// The stream, ready for payload, or why not.
+        result: Result<Stream, Status>,
+        /// The connection's span.
+        span: Span,
+    },
+    /// An ingress stream whose header was accepted.
+    Ingress {
+        /// The header.
+        header: Header,
+        /// The stream; it is owed a status.
+        link: Stream,
+        /// The connection's span.
+        span: Span,
+    },
+}
+
+/// Settings the stack needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The enclave kernel's TAP address and prefix.
+    pub address: (Ipv4Addr, u8),
+    /// The stack's own address.
+    pub gateway: Ipv4Addr,
+    /// Where egress streams go.
+    pub host: LinkAddr,
+    /// Bound on each connection's set-up.
+    pub connect_timeout: Duration,
+    /// Per-socket buffer, each direction, in bytes.
+    pub buffer: usize,
+    /// The most connections at once.
+    pub max_connections: usize,
+}
+
+/// Socket handles whose connections want servicing, and the wake-up for the stack task.
+#[derive(Debug, Default)]
+struct ReadyQueue {
+    list: Mutex<Vec<SocketHandle>>,
+    notify: Notify,
+}
+
+/// A connection's waker: queues its handle once until the stack services it.
+struct ConnWaker {
+    handle: SocketHandle,
+    queue: Arc<ReadyQueue>,
+    queued: AtomicBool,
+}
+
+impl Wake for ConnWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            if let Ok(mut list) = self.queue.list.lock() {
+                list.push(self.handle);
+            }
+            self.queue.notify.notify_one();
+        }
+    }
+}
+
+struct Entry {
+    conn: Conn,
+    waker: Arc<ConnWaker>,
+}
+
+/// The stack task's state.
+pub struct Stack {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    tap: Tap,
+    conns: HashMap<SocketHandle, Entry>,
+    queue: Arc<ReadyQueue>,
+    events: mpsc::Receiver<Event>,
+    events_tx: mpsc::Sender<Event>,
+    dying: Vec<SocketHandle>,
+    settings: Settings,
+    epoch: Instant,
+    next_port: u16,
+    counters: Arc<Counters>,
+}
+
+impl Stack {
+    /// Builds the stack over an open TAP. Returns it with the sender other tasks use to reach it.
+    pub fn new(mut tap: Tap, settings: Settings, counters: Arc<Counters>) -> (Stack, mpsc::Sender<Event>) {
+        let epoch = Instant::now();
+        let mut config = IfaceConfig::new(HardwareAddress::Ethernet(STACK_MAC));
+        config.random_seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x656e6574, |d| d.as_nanos() as u64);
+        let mut iface = Interface::new(config, &mut tap, smoltcp::time::Instant::ZERO);
+        let (_, prefix) = settings.address;
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(settings.gateway), prefix));
+        });
+        // Any-IP: accept packets for every destination routed through our own address, which
+        // the default route below makes every destination.
+        iface.set_any_ip(true);
+        let _ = iface.routes_mut().add_default_ipv4_route(settings.gateway);
+        let (events_tx, events) = mpsc::channel(1024);
+        let stack = Stack {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            tap,
+            conns: HashMap::new(),
+            queue: Arc::new(ReadyQueue::default()),
+            events,
+            events_tx: events_tx.clone(),
+            dying: Vec::new(),
+            settings,
+            epoch,
+            next_port: *GATEWAY_PORTS.start(),
+            counters,
+        };
+        (stack, events_tx)
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn poll(&mut self) {
+        let now = self.now();
+        self.tap.rx_budget = RX_BUDGET;
+        self.iface.poll(now, &mut self.tap, &mut self.sockets);
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            while let Ok(event) = self.events.try_recv() {
+                self.handle_event(event);
+            }
+            self.poll();
+            for held in std::mem::take(&mut self.tap.held) {
+                self.start_egress(held);
+            }
+            self.reap();
+            let ready = self
+                .queue
+                .list
+                .lock()
+                .map(|mut l| std::mem::take(&mut *l))
+                .unwrap_or_default();
+            let serviced = !ready.is_empty();
+            for handle in ready {
+                self.service(handle);
+            }
+            if serviced {
+                let now = self.now();
+                self.iface.poll_egress(now, &mut self.tap, &mut self.sockets);
+            }
+            let busy = !self.tap.rx_blocked
+                || !self.tap.inject.is_empty()
+                || self.queue.list.lock().map(|l| !l.is_empty()).unwrap_or(false);
+            if busy {
+                // Let the accept and connect tasks run, then go round again without sleeping.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let now = self.now();
+            let delay = self
+                .iface
+                .poll_delay(now, &self.sockets)
+                .map_or(Duration::from_secs(3600), |d| Duration::from_micros(d.total_micros()));
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                r = self.tap.readable() => match r {
+                    Ok(()) => self.tap.rx_blocked = false,
+                    Err(e) => {
+                        warn!("TAP readiness failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                _ = self.queue.notify.notified() => {}
+                Some(event) = self.events.recv() => self.handle_event(event),
+                _ = tokio::time::sleep(delay) => {}
+                _ = tick.tick() => self.check_deadlines(),
+            }
+        }
+        info!(
+            connections = self.conns.len(),
+            tap.tx_dropped = self.tap.tx_dropped,
+            "stack stopped"
+        );
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::Egress { held, result, span } => self.finish_egress(held, result, span),
+            Event::Ingress { header, link, span } => self.start_ingress(header, link, span),
+        }
+    }
+
+    /// Asks host-proxy for the connection a new SYN wants.
+    fn start_egress(&mut self, held: HeldSyn) {
+        let span = info_span!(
+            "egress",
+            tcp.src = %SocketAddr::from(held.key.local),
+            tcp.dst = %SocketAddr::from(held.key.remote),
+        );
+        if self.conns.len() >= self.settings.max_connections {
+            warn!(parent: &span, "connection cap reached, failing egress connect");
+            self.finish_egress(held, Err(Status::Unreachable), span);
+            return;
+        }
+        let header = Header {
+            kind: Kind::TcpEgress,
+            src: held.key.local.into(),
+            dst: held.key.remote.into(),
+        };
+        let host = self.settings.host.clone();
+        let limit = self.settings.connect_timeout;
+        let events = self.events_tx.clone();
+        tokio::spawn(
+            async move {
+                let result = crate::egress::open(&host, &header, limit).await;
+                let span = Span::current();
+                let _ = events.send(Event::Egress { held, result, span }).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Completes the handshake with the app if host-proxy connected, or makes its connect fail.
+    fn finish_egress(&mut self, held: HeldSyn, result: Result<Stream, Status>, span: Span) {
+        let key = held.key;
+        let link = match result {
+            Ok(link) => link,
+            Err(status) => {
+                debug!(parent: &span, "egress failed: {status}");
+                self.counters.failure(status);
+                self.tap.forget(&key);
+                self.fail_syn(held.frame, status);
+                return;
+            }
+        };
+        let handle = self.sockets.add(self.new_socket());
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        if let Err(e) = socket.listen(key.remote) {
+            warn!(parent: &span, "cannot listen on {}: {e}", key.remote);
+            self.sockets.remove(handle);
+            self.tap.forget(&key);
+            self.fail_syn(held.frame, Status::Unreachable);
+            return;
+        }
+        self.tap.activate(key);
+        self.tap.inject.push_back(held.frame);
+        // Process the replayed SYN now, so that this listening socket binds to this flow before
+        // any other socket could listen on the same destination.
+        self.poll();
+        let socket = self.sockets.get::<tcp::Socket>(handle);
+        if socket.remote_endpoint() != Some(key.local) {
+            warn!(parent: &span, state = %socket.state(), "replayed SYN was not taken");
+            self.sockets.remove(handle);
+            self.tap.forget(&key);
+            return;
+        }
+        Counters::bump(&self.counters.opened);
+        debug!(parent: &span, "destination connected; completing the enclave handshake");
+        self.add_conn(handle, link, key, Kind::TcpEgress, span);
+    }
+
+    /// Makes the application's connect fail: RST for `refused`, ICMP otherwise.
+    fn fail_syn(&mut self, frame: Vec<u8>, status: Status) {
+        match status {
+            // With no socket listening, smoltcp answers the replayed SYN with a RST.
+            Status::Refused => self.tap.inject.push_back(frame),
+            other => {
+                let why = if other == Status::Denied {
+                    Unreachable::Prohibited
+                } else {
+                    Unreachable::Host
+                };
+                if let Some(icmp) = icmp_unreachable(&frame, STACK_MAC, self.settings.gateway, why) {
+                    self.tap.send_raw(&icmp);
+                }
+            }
+        }
+    }
+
+    fn start_ingress(&mut self, header: Header, link: Stream, span: Span) {
+        let (tap_addr, _) = self.settings.address;
+        let remote = IpEndpoint::new(IpAddress::Ipv4(tap_addr), header.dst.port());
+        let refuse = |link: Stream, status: Status, counters: &Counters| {
+            counters.failure(status);
+            crate::ingress::refuse(link, status, span.clone());
+        };
+        if self.conns.len() >= self.settings.max_connections {
+            warn!(parent: &span, "connection cap reached, refusing ingress");
+            return refuse(link, Status::Unreachable, &self.counters);
+        }
+        let Some(source) = self.ingress_source(header.src, remote) else {
+            warn!(parent: &span, "no free source port for a gateway-sourced connection");
+            return refuse(link, Status::Unreachable, &self.counters);
+        };
+        let key = FlowKey { local: remote, remote: source };
+        if self.tap.flows.contains_key(&key) {
+            warn!(parent: &span, "duplicate ingress flow from {}", header.src);
+            return refuse(link, Status::BadRequest, &self.counters);
+        }
+        let handle = self.sockets.add(self.new_socket());
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        if let Err(e) = socket.connect(self.iface.context(), remote, source) {
+            warn!(parent: &span, "cannot connect {source} -> {remote}: {e}");
+            self.sockets.remove(handle);
+            return refuse(link, Status::BadRequest, &self.counters);
+        }
+        if source.addr != IpAddress::Ipv4(ipv4_of(header.src.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED)) {
+            debug!(parent: &span, %source, "client cannot be a source on the TAP; using the gateway");
+        }
+        self.tap.activate(key);
+        self.add_conn(handle, link, key, Kind::TcpIngress, span);
+    }
+
+    /// The source for an ingress connection: the real client if it can be one on the TAP.
+    fn ingress_source(&mut self, client: SocketAddr, remote: IpEndpoint) -> Option<IpEndpoint> {
+        let (tap_addr, prefix) = self.settings.address;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        if let Some(ip) = ipv4_of(client.ip()) {
+            let on_tap_subnet = u32::from(ip) & mask == u32::from(tap_addr) & mask;
+            let usable = !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_multicast()
+                || on_tap_subnet);
+            if usable {
+                return Some(IpEndpoint::new(IpAddress::Ipv4(ip), client.port()));
+            }
+        }
+        let gateway = IpAddress::Ipv4(self.settings.gateway);
+        let span = u32::from(GATEWAY_PORTS.end() - GATEWAY_PORTS.start()) + 1;
+        for _ in 0..span {
+            let port = self.next_port;
+            self.next_port = if port >= *GATEWAY_PORTS.end() {
+                *GATEWAY_PORTS.start()
+            } else {
+                port + 1
+            };
+            let candidate = IpEndpoint::new(gateway, port);
+            if !self.tap.flows.contains_key(&FlowKey { local: remote, remote: candidate }) {
+                return Some(candidate);
+            }
+        }
+        None
+    }
+
+    fn new_socket(&self) -> tcp::Socket<'static> {
+        // `vec![0; n]` comes from calloc, so an idle connection's pages are never touched and
+        // cost no resident memory until data flows.
+        let rx = tcp::SocketBuffer::new(vec![0u8; self.settings.buffer]);
+        let tx = tcp::SocketBuffer::new(vec![0u8; self.settings.buffer]);
+        let mut socket = tcp::Socket::new(rx, tx);
+        socket.set_congestion_control(CongestionControl::Cubic);
+        socket.set_nagle_enabled(false);
+        socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(60)));
+        socket.set_timeout(Some(smoltcp::time::Duration::from_secs(180)));
+        socket
+    }
+
+    fn add_conn(&mut self, handle: SocketHandle, link: Stream, key: FlowKey, kind: Kind, span: Span) {
+        let waker = Arc::new(ConnWaker {
+            handle,
+            queue: self.queue.clone(),
+            queued: AtomicBool::new(false),
+        });
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        let conn = Conn::new(link, key, kind, deadline, Waker::from(waker.clone()), span);
+        self.conns.insert(handle, Entry { conn, waker });
+        self.service(handle);
+    }
+
+    fn service(&mut self, handle: SocketHandle) {
+        let Some(entry) = self.conns.get_mut(&handle) else {
+            return;
+        };
+        entry.waker.queued.store(false, Ordering::Release);
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let outcome = entry.conn.pump(socket, Instant::now());
+        if outcome == Outcome::Keep {
+            socket.register_recv_waker(&entry.conn.waker);
+            socket.register_send_waker(&entry.conn.waker);
+            return;
+        }
+        let Some(Entry { conn, .. }) = self.conns.remove(&handle) else {
+            return;
+        };
+        let span = conn.span.clone();
+        match outcome {
+            Outcome::Done => {
+                debug!(parent: &span, bytes.to_enclave = conn.to_app, bytes.from_enclave = conn.from_app, "connection closed")
+            }
+            Outcome::Reset => {
+                Counters::bump(&self.counters.reset);
+                debug!(parent: &span, bytes.to_enclave = conn.to_app, bytes.from_enclave = conn.from_app, "connection reset")
+            }
+            Outcome::Refuse(status) => {
+                debug!(parent: &span, "enclave answered {status}");
+                self.counters.failure(status);
+                crate::ingress::refuse(conn.link, status, span);
+                self.dying.push(handle);
+                self.tap.forget(&conn.key);
+                return;
+            }
+            Outcome::Keep => {}
+        }
+        self.counters
+            .bytes_to_enclave
+            .fetch_add(conn.to_app, Ordering::Relaxed);
+        self.counters
+            .bytes_from_enclave
+            .fetch_add(conn.from_app, Ordering::Relaxed);
+        self.tap.forget(&conn.key);
+        // The socket stays until the next poll has sent whatever it still owes (a RST after
+        // abort, the last ACK).
+        self.dying.push(handle);
+    }
+
+    /// Removes sockets whose connections ended before the last poll.
+    fn reap(&mut self) {
+        for handle in self.dying.drain(..) {
+            self.sockets.remove(handle);
+        }
+    }
+
+    /// Services connections still connecting, so that their deadlines are enforced.
+    fn check_deadlines(&mut self) {
+        let connecting: Vec<SocketHandle> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| matches!(e.conn.state, crate::conn::ConnState::Connecting { .. }))
+            .map(|(h, _)| *h)
+            .collect();
+        for handle in connecting {
+            self.service(handle);
+        }
+    }
+}
+
+fn ipv4_of(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    }
+}

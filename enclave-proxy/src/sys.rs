@@ -1,0 +1,52 @@
+//! The one ioctl no well-kept crate covers for us: attaching to a TAP device.
+//!
+//! This is the only module where `unsafe` is allowed; every block says why it is sound.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Longest interface name the kernel takes, without the trailing NUL.
+pub const IFNAMSIZ_MAX: usize = libc::IFNAMSIZ - 1;
+
+/// Opens `/dev/net/tun` and attaches it to the TAP device `name` (creating it if needed), in
+/// non-blocking mode, with no packet-information prefix: each read or write is one Ethernet
+/// frame.
+pub fn open_tap(name: &str) -> io::Result<File> {
+    if name.is_empty() || name.len() > IFNAMSIZ_MAX || name.as_bytes().contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a valid interface name (1 to {IFNAMSIZ_MAX} bytes)"),
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    // SAFETY: `ifreq` is a plain C struct of integers and arrays, for which all-zero bytes are a
+    // valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    // The name was checked above to leave room for the NUL that `zeroed` put at the end.
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: the fd is an open `/dev/net/tun` that outlives the call, and TUNSETIFF reads and
+    // writes exactly one `ifreq`, which `req` is, borrowed mutably for the call's duration.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Registers the TAP with the tokio reactor for read readiness.
+pub fn register_tap(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {
+    // SAFETY: `File` owns its descriptor, keeps it open until it is dropped, and always returns
+    // the same descriptor from `as_raw_fd`; the `AsyncFd` owns the `File` for its whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}

@@ -1,0 +1,237 @@
+//! The TAP device as a smoltcp [`Device`], with the SYN filter in front of the stack.
+//!
+//! Buffers are allocated once: one receive buffer and one transmit buffer of a full frame each,
+//! reused for every packet. Reads and writes are non-blocking; an error is counted and logged,
+//! never a panic (smoltcp's own `TunTapInterface` allocates per packet and panics on errors).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read, Write};
+
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+use tokio::io::unix::AsyncFd;
+use tracing::warn;
+
+use crate::packet::{classify, FlowKey, Frame};
+
+/// Ethernet header length.
+pub const ETH_HEADER: usize = 14;
+
+/// Frames read from the TAP per stack iteration before connections get serviced again.
+pub const RX_BUDGET: usize = 256;
+
+/// Where a flow is in its life, as the SYN filter needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    /// Waiting on host-proxy: the first SYN is held and retransmissions are dropped.
+    Pending,
+    /// Has a smoltcp socket: every frame goes to smoltcp.
+    Active,
+}
+
+/// A SYN held while host-proxy is asked for the connection.
+#[derive(Debug)]
+pub struct HeldSyn {
+    /// The flow it opens.
+    pub key: FlowKey,
+    /// The frame, to replay into smoltcp or to quote in an ICMP error.
+    pub frame: Vec<u8>,
+}
+
+/// The TAP device.
+#[derive(Debug)]
+pub struct Tap {
+    fd: AsyncFd<File>,
+    mtu: usize,
+    rx: Box<[u8]>,
+    tx: Box<[u8]>,
+    /// Frames to hand to smoltcp before reading the TAP again (replayed SYNs).
+    pub inject: VecDeque<Vec<u8>>,
+    /// Every flow with a pending stream or a socket.
+    pub flows: HashMap<FlowKey, FlowState>,
+    /// New SYNs seen since the stack last looked.
+    pub held: Vec<HeldSyn>,
+    /// The most flows waiting on host-proxy at once; further new SYNs are dropped (the
+    /// application's kernel retransmits them).
+    pub max_pending: usize,
+    pending: usize,
+    /// Frames left in this iteration's read budget.
+    pub rx_budget: usize,
+    /// The last read found the TAP empty: wait for readiness before reading again.
+    pub rx_blocked: bool,
+    /// Frames that could not be written to the TAP.
+    pub tx_dropped: u64,
+}
+
+impl Tap {
+    /// Wraps an open TAP file descriptor (see [`crate::sys::open_tap`]).
+    pub fn new(file: File, mtu: usize) -> io::Result<Tap> {
+        let frame = mtu + ETH_HEADER;
+        Ok(Tap {
+            fd: crate::sys::register_tap(file)?,
+            mtu,
+            rx: vec![0u8; frame].into_boxed_slice(),
+            tx: vec![0u8; frame].into_boxed_slice(),
+            inject: VecDeque::new(),
+            flows: HashMap::new(),
+            held: Vec::new(),
+            max_pending: 1024,
+            pending: 0,
+            rx_budget: RX_BUDGET,
+            rx_blocked: false,
+            tx_dropped: 0,
+        })
+    }
+
+    /// Waits until the TAP may have frames to read.
+    pub async fn readable(&self) -> io::Result<()> {
+        let mut guard = self.fd.readable().await?;
+        // Readiness is cleared before reading: frames that arrive after this point raise a new
+        // edge, and the stack reads until `WouldBlock` before waiting again.
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Writes one frame straight to the TAP (for frames smoltcp does not make).
+    pub fn send_raw(&mut self, frame: &[u8]) {
+        write_frame(self.fd.get_ref(), frame, &mut self.tx_dropped);
+    }
+
+    /// Marks a held flow as having a socket now.
+    pub fn activate(&mut self, key: FlowKey) {
+        if self.flows.insert(key, FlowState::Active) == Some(FlowState::Pending) {
+            self.pending -= 1;
+        }
+    }
+
+    /// Forgets a flow (its socket is gone, or its set-up failed).
+    pub fn forget(&mut self, key: &FlowKey) {
+        if self.flows.remove(key) == Some(FlowState::Pending) {
+            self.pending -= 1;
+        }
+    }
+}
+
+fn write_frame(file: &File, frame: &[u8], dropped: &mut u64) {
+    let mut f = file;
+    match f.write(frame) {
+        Ok(n) if n == frame.len() => {}
+        Ok(n) => {
+            *dropped += 1;
+            warn!("short TAP write: {n} of {} bytes", frame.len());
+        }
+        Err(e) => {
+            *dropped += 1;
+            if e.kind() != io::ErrorKind::WouldBlock {
+                warn!("TAP write failed: {e}");
+            }
+        }
+    }
+}
+
+/// A received frame: borrowed from the device's buffer, or a replayed SYN.
+pub enum RxToken<'a> {
+    /// Read from the TAP into the device buffer.
+    Borrowed(&'a [u8]),
+    /// A replayed frame.
+    Owned(Vec<u8>),
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        match self {
+            RxToken::Borrowed(b) => f(b),
+            RxToken::Owned(v) => f(&v),
+        }
+    }
+}
+
+/// Transmits into the device's one transmit buffer, then writes it to the TAP.
+pub struct TxToken<'a> {
+    file: &'a File,
+    buf: &'a mut [u8],
+    dropped: &'a mut u64,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let len = len.min(self.buf.len());
+        let buf = &mut self.buf[..len];
+        let r = f(buf);
+        write_frame(self.file, buf, self.dropped);
+        r
+    }
+}
+
+impl Device for Tap {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        let frame = match self.inject.pop_front() {
+            Some(f) => RxToken::Owned(f),
+            None => loop {
+                if self.rx_budget == 0 || self.rx_blocked {
+                    return None;
+                }
+                self.rx_budget -= 1;
+                let mut file = self.fd.get_ref();
+                let n = match file.read(&mut self.rx) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            warn!("TAP read failed: {e}");
+                        }
+                        self.rx_blocked = true;
+                        return None;
+                    }
+                };
+                let Frame::Syn(key) = classify(&self.rx[..n]) else {
+                    break RxToken::Borrowed(&self.rx[..n]);
+                };
+                match self.flows.get(&key) {
+                    Some(FlowState::Active) => break RxToken::Borrowed(&self.rx[..n]),
+                    Some(FlowState::Pending) => continue,
+                    None if self.pending >= self.max_pending => continue,
+                    None => {
+                        self.flows.insert(key, FlowState::Pending);
+                        self.pending += 1;
+                        self.held.push(HeldSyn {
+                            key,
+                            frame: self.rx[..n].to_vec(),
+                        });
+                    }
+                }
+            },
+        };
+        let tx = TxToken {
+            file: self.fd.get_ref(),
+            buf: &mut self.tx,
+            dropped: &mut self.tx_dropped,
+        };
+        Some((frame, tx))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
+        Some(TxToken {
+            file: self.fd.get_ref(),
+            buf: &mut self.tx,
+            dropped: &mut self.tx_dropped,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + ETH_HEADER;
+        // Frames from the TAP were checksummed by the enclave kernel on the same machine and
+        // never crossed a wire, so verifying them again only costs time; frames we send must
+        // still carry correct checksums, because the kernel verifies them.
+        let mut checksum = ChecksumCapabilities::default();
+        checksum.ipv4 = Checksum::Tx;
+        checksum.tcp = Checksum::Tx;
+        caps.checksum = checksum;
+        caps
+    }
+}
