@@ -58,7 +58,10 @@ pub async fn read_status<S: AsyncRead + Unpin>(
 }
 
 /// Writes one header.
-pub async fn write_header<S: AsyncWrite + Unpin>(stream: &mut S, header: &Header) -> io::Result<()> {
+pub async fn write_header<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    header: &Header,
+) -> io::Result<()> {
     let (buf, len) = header.encode();
     stream.write_all(&buf[..len]).await
 }
@@ -82,7 +85,10 @@ mod tests {
             dst: "0.0.0.0:8080".parse().unwrap(),
         };
         write_header(&mut a, &h).await.unwrap();
-        assert_eq!(read_header(&mut b, Duration::from_secs(1)).await.unwrap(), h);
+        assert_eq!(
+            read_header(&mut b, Duration::from_secs(1)).await.unwrap(),
+            h
+        );
         write_status(&mut b, Status::Denied).await.unwrap();
         assert_eq!(
             read_status(&mut a, Duration::from_secs(1)).await.unwrap(),
@@ -93,16 +99,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silent_peer_times_out() {
         let (_a, mut b) = tokio::io::duplex(64);
-        let err = read_header(&mut b, Duration::from_secs(5)).await.unwrap_err();
+        let err = read_header(&mut b, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(err, HandshakeError::Timeout(_)), "{err}");
     }
 
     #[tokio::test]
     async fn truncated_header_is_an_io_error_not_a_hang() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut a, b"ENET\x01").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"ENET\x01")
+            .await
+            .unwrap();
         drop(a);
-        let err = read_header(&mut b, Duration::from_secs(5)).await.unwrap_err();
+        let err = read_header(&mut b, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(err, HandshakeError::Io(_)), "{err}");
     }
 }

@@ -98,8 +98,14 @@ mod tests {
         assert!(PortSet::all().contains(65535));
         assert_eq!("".parse::<PortSet>(), Err(PortError::Empty));
         assert!(matches!("0".parse::<PortSet>(), Err(PortError::Port(_))));
-        assert!(matches!("70000".parse::<PortSet>(), Err(PortError::Port(_))));
-        assert!(matches!("90-80".parse::<PortSet>(), Err(PortError::Backwards(_))));
+        assert!(matches!(
+            "70000".parse::<PortSet>(),
+            Err(PortError::Port(_))
+        ));
+        assert!(matches!(
+            "90-80".parse::<PortSet>(),
+            Err(PortError::Backwards(_))
+        ));
         assert!(matches!("a".parse::<PortSet>(), Err(PortError::Port(_))));
     }
 }

@@ -142,7 +142,10 @@ impl Listener {
         match self {
             Listener::Vsock(l) => {
                 let (s, peer) = l.accept().await?;
-                Ok((Stream::Vsock(s), format!("vsock:{}:{}", peer.cid(), peer.port())))
+                Ok((
+                    Stream::Vsock(s),
+                    format!("vsock:{}:{}", peer.cid(), peer.port()),
+                ))
             }
             Listener::Unix(l, path) => {
                 let (s, _) = l.accept().await?;

@@ -92,7 +92,9 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
     let addr: Ipv4Addr = a.parse().map_err(|_| err())?;
     let prefix: u8 = p.parse().map_err(|_| err())?;
     if prefix == 0 || prefix > 30 {
-        return Err(format!("{s:?}: the prefix must be 1 to 30, to leave room for the gateway"));
+        return Err(format!(
+            "{s:?}: the prefix must be 1 to 30, to leave room for the gateway"
+        ));
     }
     Ok((addr, prefix))
 }

@@ -72,6 +72,8 @@ pub struct Conn {
     pub span: Span,
     /// Bytes of the ingress `ok` status still to write before any payload.
     status_left: usize,
+    /// The app's FIN has been seen, so a later `Closed` is a graceful end, not a reset.
+    app_fin: bool,
     /// Payload bytes link->app.
     pub to_app: u64,
     /// Payload bytes app->link.
@@ -103,6 +105,7 @@ impl Conn {
             waker,
             span,
             status_left: 0,
+            app_fin: false,
             to_app: 0,
             from_app: 0,
         }
@@ -112,6 +115,7 @@ impl Conn {
     pub fn pump(&mut self, socket: &mut tcp::Socket, now: Instant) -> Outcome {
         let waker = self.waker.clone();
         let mut cx = Context::from_waker(&waker);
+        self.note_app_fin(socket);
         if let ConnState::Connecting { deadline } = self.state {
             match socket.state() {
                 s if is_synchronized(s) => {
@@ -154,11 +158,23 @@ impl Conn {
         }
         match socket.state() {
             State::Closed | State::TimeWait if self.state == ConnState::Closing => Outcome::Done,
+            // A graceful close (LAST-ACK -> CLOSED) can leave data in the receive buffer that the
+            // link has not taken yet: keep draining it.
+            State::Closed if self.app_fin => Outcome::Keep,
             State::Closed => {
-                debug!(parent: &self.span, "reset by the enclave side");
+                debug!(parent: &self.span, state = ?self.state, unread = socket.recv_queue(), unsent = socket.send_queue(), "reset by the enclave side");
                 Outcome::Reset
             }
             _ => Outcome::Keep,
+        }
+    }
+
+    fn note_app_fin(&mut self, socket: &tcp::Socket) {
+        if matches!(
+            socket.state(),
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        ) {
+            self.app_fin = true;
         }
     }
 
@@ -235,7 +251,10 @@ impl Conn {
             });
             match read {
                 Ok(Ok(Some(0))) => {
-                    // EOF from the link: FIN after everything queued.
+                    // EOF from the link: FIN after everything queued. Closing may take the
+                    // socket from CLOSE-WAIT past LAST-ACK to CLOSED before the next look, so
+                    // note the app's FIN first.
+                    self.note_app_fin(socket);
                     socket.close();
                     debug!(parent: &self.span, bytes = self.to_app, "link->app finished");
                     self.state = match self.state {

@@ -38,7 +38,13 @@ pub async fn serve(
         };
         next_id += 1;
         let span = info_span!("ingress", conn.id = next_id, link.peer = %peer);
-        let task = admit(link, expose.clone(), handshake_timeout, events.clone(), counters.clone());
+        let task = admit(
+            link,
+            expose.clone(),
+            handshake_timeout,
+            events.clone(),
+            counters.clone(),
+        );
         tokio::spawn(task.instrument(span));
     }
 }
@@ -68,7 +74,11 @@ async fn admit(
         return;
     }
     let port = header.dst.port();
-    if expose.as_ref().as_ref().is_some_and(|set| !set.contains(port)) {
+    if expose
+        .as_ref()
+        .as_ref()
+        .is_some_and(|set| !set.contains(port))
+    {
         warn!(client = %header.src, port, "denied: port is not in --expose");
         counters.failure(Status::Denied);
         let _ = write_status(&mut link, Status::Denied).await;
@@ -84,7 +94,10 @@ pub fn refuse(mut link: Stream, status: Status, span: Span) {
     tokio::spawn(
         async move {
             let write = write_status(&mut link, status);
-            if tokio::time::timeout(Duration::from_secs(2), write).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), write)
+                .await
+                .is_err()
+            {
                 debug!("host-proxy did not take the {status} status");
             }
         }

@@ -92,7 +92,10 @@ async fn configure_with(handle: &Handle, tap: &TapConfig) -> Result<(), NetlinkE
         .await
     {
         Err(e) if !already_exists(&e) => {
-            return Err(request(format!("adding {}/{} to {}", tap.address, tap.prefix, tap.name))(e))
+            return Err(request(format!(
+                "adding {}/{} to {}",
+                tap.address, tap.prefix, tap.name
+            ))(e))
         }
         _ => {}
     }
@@ -112,6 +115,9 @@ async fn configure_with(handle: &Handle, tap: &TapConfig) -> Result<(), NetlinkE
         .replace()
         .execute()
         .await
-        .map_err(request(format!("adding the default route via {}", tap.gateway)))?;
+        .map_err(request(format!(
+            "adding the default route via {}",
+            tap.gateway
+        )))?;
     Ok(())
 }

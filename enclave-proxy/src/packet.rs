@@ -18,8 +18,7 @@
 
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4DstUnreachable,
-    Icmpv4Packet, Icmpv4Repr, IpEndpoint, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
-    TcpPacket,
+    Icmpv4Packet, Icmpv4Repr, IpEndpoint, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket,
 };
 
 /// A TCP flow as the enclave kernel sees it: its own endpoint and the far endpoint.
@@ -122,7 +121,10 @@ pub fn icmp_unreachable(
     let caps = smoltcp::phy::ChecksumCapabilities::default();
     let mut ip_packet = Ipv4Packet::new_unchecked(frame.payload_mut());
     ip_repr.emit(&mut ip_packet, &caps);
-    icmp.emit(&mut Icmpv4Packet::new_unchecked(ip_packet.payload_mut()), &caps);
+    icmp.emit(
+        &mut Icmpv4Packet::new_unchecked(ip_packet.payload_mut()),
+        &caps,
+    );
     Some(out)
 }
 
@@ -185,7 +187,10 @@ pub(crate) mod tests {
             local: IpEndpoint::new(Ipv4Address::new(10, 240, 0, 2).into(), 40000),
             remote: IpEndpoint::new(Ipv4Address::new(93, 184, 216, 34).into(), 443),
         };
-        assert_eq!(classify(&syn_frame(TcpControl::Syn, false)), Frame::Syn(key));
+        assert_eq!(
+            classify(&syn_frame(TcpControl::Syn, false)),
+            Frame::Syn(key)
+        );
         assert_eq!(classify(&syn_frame(TcpControl::Syn, true)), Frame::Other);
         assert_eq!(classify(&syn_frame(TcpControl::None, true)), Frame::Other);
         assert_eq!(classify(&syn_frame(TcpControl::Rst, false)), Frame::Other);

@@ -140,7 +140,11 @@ pub struct Stack {
 
 impl Stack {
     /// Builds the stack over an open TAP. Returns it with the sender other tasks use to reach it.
-    pub fn new(mut tap: Tap, settings: Settings, counters: Arc<Counters>) -> (Stack, mpsc::Sender<Event>) {
+    pub fn new(
+        mut tap: Tap,
+        settings: Settings,
+        counters: Arc<Counters>,
+    ) -> (Stack, mpsc::Sender<Event>) {
         let epoch = Instant::now();
         let mut config = IfaceConfig::new(HardwareAddress::Ethernet(STACK_MAC));
         config.random_seed = std::time::SystemTime::now()
@@ -209,11 +213,17 @@ impl Stack {
             }
             if serviced {
                 let now = self.now();
-                self.iface.poll_egress(now, &mut self.tap, &mut self.sockets);
+                self.iface
+                    .poll_egress(now, &mut self.tap, &mut self.sockets);
             }
             let busy = !self.tap.rx_blocked
                 || !self.tap.inject.is_empty()
-                || self.queue.list.lock().map(|l| !l.is_empty()).unwrap_or(false);
+                || self
+                    .queue
+                    .list
+                    .lock()
+                    .map(|l| !l.is_empty())
+                    .unwrap_or(false);
             if busy {
                 // Let the accept and connect tasks run, then go round again without sleeping.
                 tokio::task::yield_now().await;
@@ -223,7 +233,9 @@ impl Stack {
             let delay = self
                 .iface
                 .poll_delay(now, &self.sockets)
-                .map_or(Duration::from_secs(3600), |d| Duration::from_micros(d.total_micros()));
+                .map_or(Duration::from_secs(3600), |d| {
+                    Duration::from_micros(d.total_micros())
+                });
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -334,7 +346,8 @@ impl Stack {
                 } else {
                     Unreachable::Host
                 };
-                if let Some(icmp) = icmp_unreachable(&frame, STACK_MAC, self.settings.gateway, why) {
+                if let Some(icmp) = icmp_unreachable(&frame, STACK_MAC, self.settings.gateway, why)
+                {
                     self.tap.send_raw(&icmp);
                 }
             }
@@ -356,7 +369,10 @@ impl Stack {
             warn!(parent: &span, "no free source port for a gateway-sourced connection");
             return refuse(link, Status::Unreachable, &self.counters);
         };
-        let key = FlowKey { local: remote, remote: source };
+        let key = FlowKey {
+            local: remote,
+            remote: source,
+        };
         if self.tap.flows.contains_key(&key) {
             warn!(parent: &span, "duplicate ingress flow from {}", header.src);
             return refuse(link, Status::BadRequest, &self.counters);
@@ -368,7 +384,8 @@ impl Stack {
             self.sockets.remove(handle);
             return refuse(link, Status::BadRequest, &self.counters);
         }
-        if source.addr != IpAddress::Ipv4(ipv4_of(header.src.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED)) {
+        if source.addr != IpAddress::Ipv4(ipv4_of(header.src.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED))
+        {
             debug!(parent: &span, %source, "client cannot be a source on the TAP; using the gateway");
         }
         self.tap.activate(key);
@@ -400,7 +417,10 @@ impl Stack {
                 port + 1
             };
             let candidate = IpEndpoint::new(gateway, port);
-            if !self.tap.flows.contains_key(&FlowKey { local: remote, remote: candidate }) {
+            if !self.tap.flows.contains_key(&FlowKey {
+                local: remote,
+                remote: candidate,
+            }) {
                 return Some(candidate);
             }
         }
@@ -420,7 +440,14 @@ impl Stack {
         socket
     }
 
-    fn add_conn(&mut self, handle: SocketHandle, link: Stream, key: FlowKey, kind: Kind, span: Span) {
+    fn add_conn(
+        &mut self,
+        handle: SocketHandle,
+        link: Stream,
+        key: FlowKey,
+        kind: Kind,
+        span: Span,
+    ) {
         let waker = Arc::new(ConnWaker {
             handle,
             queue: self.queue.clone(),

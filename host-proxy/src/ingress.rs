@@ -29,7 +29,8 @@ pub async fn serve(listener: TcpListener, enclave_port: u16, shared: Arc<Shared>
             }
         };
         next_id += 1;
-        let span = info_span!("ingress", conn.id = next_id, tcp.peer = %peer, enclave.port = enclave_port);
+        let span =
+            info_span!("ingress", conn.id = next_id, tcp.peer = %peer, enclave.port = enclave_port);
         tokio::spawn(handle(tcp, peer, enclave_port, shared.clone()).instrument(span));
     }
 }

@@ -81,15 +81,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             tasks.spawn(ingress::serve(listener, enclave_port, shared.clone()));
         }
     }
-    let egress_listener = shared
-        .config
-        .listen
-        .listen()
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: shared.config.listen.clone(),
-            source,
-        })?;
+    let egress_listener =
+        shared
+            .config
+            .listen
+            .listen()
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: shared.config.listen.clone(),
+                source,
+            })?;
     tasks.spawn(egress::serve(egress_listener, shared.clone()));
 
     info!(

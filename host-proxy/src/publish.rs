@@ -109,14 +109,23 @@ mod tests {
 
     #[test]
     fn docker_style_specs() {
-        assert_eq!(pairs("18080:8080"), vec![("0.0.0.0:18080".parse().unwrap(), 8080)]);
+        assert_eq!(
+            pairs("18080:8080"),
+            vec![("0.0.0.0:18080".parse().unwrap(), 8080)]
+        );
         assert_eq!(pairs("8080"), vec![("0.0.0.0:8080".parse().unwrap(), 8080)]);
         assert_eq!(
             pairs("127.0.0.1:18080:80"),
             vec![("127.0.0.1:18080".parse().unwrap(), 80)]
         );
-        assert_eq!(pairs("10.0.0.1:443"), vec![("10.0.0.1:443".parse().unwrap(), 443)]);
-        assert_eq!(pairs("[::1]:8443:443"), vec![("[::1]:8443".parse().unwrap(), 443)]);
+        assert_eq!(
+            pairs("10.0.0.1:443"),
+            vec![("10.0.0.1:443".parse().unwrap(), 443)]
+        );
+        assert_eq!(
+            pairs("[::1]:8443:443"),
+            vec![("[::1]:8443".parse().unwrap(), 443)]
+        );
         let r = pairs("9000-9010:7000-7010");
         assert_eq!(r.len(), 11);
         assert_eq!(r[10], ("0.0.0.0:9010".parse().unwrap(), 7010));
@@ -124,10 +133,25 @@ mod tests {
 
     #[test]
     fn bad_specs_say_why() {
-        assert!(matches!("9000-9010:7000-7005".parse::<Publish>(), Err(PublishError::Length(_))));
-        assert!(matches!("1:2:3:4".parse::<Publish>(), Err(PublishError::Shape(_))));
-        assert!(matches!("1.2.3:80".parse::<Publish>(), Err(PublishError::Addr(_))));
-        assert!(matches!("0:80".parse::<Publish>(), Err(PublishError::Port { .. })));
-        assert!(matches!("x".parse::<Publish>(), Err(PublishError::Port { .. })));
+        assert!(matches!(
+            "9000-9010:7000-7005".parse::<Publish>(),
+            Err(PublishError::Length(_))
+        ));
+        assert!(matches!(
+            "1:2:3:4".parse::<Publish>(),
+            Err(PublishError::Shape(_))
+        ));
+        assert!(matches!(
+            "1.2.3:80".parse::<Publish>(),
+            Err(PublishError::Addr(_))
+        ));
+        assert!(matches!(
+            "0:80".parse::<Publish>(),
+            Err(PublishError::Port { .. })
+        ));
+        assert!(matches!(
+            "x".parse::<Publish>(),
+            Err(PublishError::Port { .. })
+        ));
     }
 }
