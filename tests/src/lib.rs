@@ -3,7 +3,8 @@
 //! Every test needs root (namespaces, TAP devices). Each builds its own [`topology::Topology`],
 //! so tests can run in parallel; namespace names carry the test process's PID.
 #![forbid(unsafe_code)]
-#![allow(clippy::unwrap_used, missing_docs)]
+// These tests time real processes across namespaces, so wall-clock `std::time::Instant` is right here.
+#![allow(clippy::unwrap_used, missing_docs, clippy::disallowed_types)]
 
 pub mod netns;
 pub mod process;
