@@ -1,0 +1,49 @@
+# Shared helpers for the project's scripts. Source it; do not run it.
+
+stage() { printf '\n==> %s\n' "$*"; }
+
+# Installs the Debian packages that are missing (apt-get update first, once).
+ensure_packages() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        echo "all packages present: $*"
+        return
+    fi
+    stage "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# Makes cargo available: the machine's rustup toolchain, or Debian's if that is new enough.
+ensure_cargo() {
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        ensure_packages cargo rustc
+    fi
+    cargo --version
+}
+
+# TAP devices need /dev/net/tun.
+ensure_tun() {
+    if [ ! -c /dev/net/tun ]; then
+        modprobe tun 2>/dev/null || true
+        mkdir -p /dev/net
+        [ -c /dev/net/tun ] || mknod /dev/net/tun c 10 200
+    fi
+}
+
+require_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "run as root: the tests and the demo create network namespaces and TAP devices" >&2
+        exit 1
+    fi
+}
+
+PACKAGES=(ca-certificates build-essential pkg-config iproute2 iptables nftables docker.io
+          memcached libmemcached-tools iperf3 socat busybox-static slirp4netns passt procps)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every check and test of enclave-net on a fresh Debian machine, as root:
+#   sudo bash scripts/test.sh
+# Installs what is missing first (apt-get update, then only the missing packages).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+require_root
+
+stage "dependencies"
+ensure_packages "${PACKAGES[@]}"
+ensure_cargo
+ensure_tun
+
+stage "format"
+cargo fmt --all --check
+stage "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+stage "docs"
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked
+stage "build (release)"
+cargo build --release --workspace --bins --locked
+stage "tests (release, as root)"
+cargo test --release --workspace --locked
