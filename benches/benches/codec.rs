@@ -21,7 +21,9 @@ fn codec(c: &mut Criterion) {
     for (name, h) in [("ipv4", v4), ("ipv6", v6)] {
         let (buf, len) = h.encode();
         group.throughput(Throughput::Bytes(len as u64));
-        group.bench_function(format!("encode/{name}"), |b| b.iter(|| black_box(&h).encode()));
+        group.bench_function(format!("encode/{name}"), |b| {
+            b.iter(|| black_box(&h).encode())
+        });
         group.bench_function(format!("decode/{name}"), |b| {
             b.iter(|| Header::decode(black_box(&buf[..len])).unwrap())
         });

@@ -24,10 +24,7 @@ fn transfer(buffer: usize) -> usize {
     let mut sockets = SocketSet::new(vec![]);
     let server = sockets.add(new_socket(buffer));
     let client = sockets.add(new_socket(buffer));
-    sockets
-        .get_mut::<tcp::Socket>(server)
-        .listen(1234)
-        .unwrap();
+    sockets.get_mut::<tcp::Socket>(server).listen(1234).unwrap();
     sockets
         .get_mut::<tcp::Socket>(client)
         .connect(iface.context(), (IpAddress::v4(127, 0, 0, 1), 1234), 65000)
@@ -39,7 +36,9 @@ fn transfer(buffer: usize) -> usize {
         iface.poll(now, &mut device, &mut sockets);
         let c = sockets.get_mut::<tcp::Socket>(client);
         if c.can_send() && sent < TOTAL {
-            sent += c.send_slice(&chunk[..chunk.len().min(TOTAL - sent)]).unwrap();
+            sent += c
+                .send_slice(&chunk[..chunk.len().min(TOTAL - sent)])
+                .unwrap();
         }
         let s = sockets.get_mut::<tcp::Socket>(server);
         while s.can_recv() {
@@ -55,9 +54,11 @@ fn bulk(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(TOTAL as u64));
     group.sample_size(10);
     for buffer_kib in [256usize, 512, 1024] {
-        group.bench_with_input(BenchmarkId::new("buffer_kib", buffer_kib), &buffer_kib, |b, &k| {
-            b.iter(|| transfer(k * 1024))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("buffer_kib", buffer_kib),
+            &buffer_kib,
+            |b, &k| b.iter(|| transfer(k * 1024)),
+        );
     }
     group.finish();
 }

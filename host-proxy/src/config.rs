@@ -22,15 +22,15 @@ pub struct Config {
     #[arg(long, value_name = "ADDR", default_value = "vsock:any:5001")]
     pub listen: LinkAddr,
 
-    /// Publish a port: [IP:]HOST_PORT[:ENCLAVE_PORT], ranges of equal length allowed. Repeatable.
+    /// Publish a port: `[IP:]HOST_PORT[:ENCLAVE_PORT]`, ranges of equal length allowed. Repeatable.
     #[arg(long = "publish", short = 'p', value_name = "SPEC")]
     pub publish: Vec<Publish>,
 
-    /// Allow egress to CIDR[:PORTS]. Repeatable; the most specific rule wins.
+    /// Allow egress to `CIDR[:PORTS]`. Repeatable; the most specific rule wins.
     #[arg(long = "allow", value_name = "CIDR[:PORTS]", value_parser = parse_allow)]
     pub allow: Vec<Rule>,
 
-    /// Deny egress to CIDR[:PORTS]. Repeatable. 169.254.0.0/16 and 127.0.0.0/8 are denied by
+    /// Deny egress to `CIDR[:PORTS]`. Repeatable. 169.254.0.0/16 and 127.0.0.0/8 are denied by
     /// default.
     #[arg(long = "deny", value_name = "CIDR[:PORTS]", value_parser = parse_deny)]
     pub deny: Vec<Rule>,

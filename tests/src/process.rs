@@ -13,6 +13,7 @@ pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
     name: String,
+    stop_timeout: Duration,
 }
 
 /// Where the workspace's binaries are: `ENCLAVE_NET_BIN_DIR`, or the profile directory this
@@ -39,7 +40,19 @@ pub fn bin(name: &str) -> PathBuf {
 impl Daemon {
     /// Starts `command`, logging to `log`, and waits until the log has a line containing
     /// `ready`.
-    pub fn start(name: &str, mut command: Command, log: PathBuf) -> Daemon {
+    pub fn start(name: &str, command: Command, log: PathBuf) -> Daemon {
+        Daemon::start_with(name, command, log, "ready", Duration::from_secs(5))
+    }
+
+    /// Like [`Daemon::start`], waiting for `marker` in the log, and allowing `stop_timeout`
+    /// between SIGTERM and SIGKILL.
+    pub fn start_with(
+        name: &str,
+        mut command: Command,
+        log: PathBuf,
+        marker: &str,
+        stop_timeout: Duration,
+    ) -> Daemon {
         let file = std::fs::File::create(&log).expect("create log");
         let child = command
             .env(
@@ -55,15 +68,16 @@ impl Daemon {
             child: Some(child),
             log,
             name: name.into(),
+            stop_timeout,
         };
-        daemon.wait_ready();
+        daemon.wait_ready(marker);
         daemon
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    fn wait_ready(&mut self, marker: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self.log_text().contains("ready") {
+            if self.log_text().contains(marker) {
                 return;
             }
             if let Some(status) = self
@@ -79,7 +93,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("{} not ready after 20 s:\n{}", self.name, self.log_text());
+        panic!("{} not ready after 30 s:\n{}", self.name, self.log_text());
     }
 
     /// The daemon's log so far.
@@ -92,15 +106,15 @@ impl Daemon {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// Sends SIGTERM and waits for it to exit (SIGKILL after 5 s). Returns whether it exited
-    /// on its own with status 0.
+    /// Sends SIGTERM and waits for it to exit (SIGKILL after the stop timeout). Returns
+    /// whether it exited on its own with status 0.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return false;
         };
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + self.stop_timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.success();

@@ -163,3 +163,22 @@ pub async fn read_all(mut stream: TcpStream) -> std::io::Result<String> {
 pub fn any(port: u16) -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], port))
 }
+
+/// Sends memcached text-protocol `request` and reads until the response ends with `until`.
+pub async fn memcached(
+    stream: &mut TcpStream,
+    request: &str,
+    until: &str,
+) -> std::io::Result<String> {
+    stream.write_all(request.as_bytes()).await?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(until.as_bytes()) {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

@@ -1,0 +1,239 @@
+//! An unmodified `dockerd` inside the emulated enclave, and registry-free images.
+//!
+//! dockerd runs with its default networking (bridge, its own NAT rules, `-p`), started with
+//! `nsenter --net=` rather than `ip netns exec`, which would remount `/sys` and hide the cgroup
+//! mounts (DESIGN.md). Like Nitro's enclave kernel, which has no nf_tables, it uses
+//! iptables-legacy: a directory first on its `PATH` maps every iptables command to
+//! `xtables-legacy-multi`. Its data root, exec root and socket live in a temporary directory.
+//!
+//! Everything is undone on drop: containers removed, dockerd stopped by its PID, leftover mounts
+//! unmounted, the directory removed.
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::netns::Netns;
+use crate::process::Daemon;
+
+/// The memcached image: busybox, memcached and its libraries.
+pub const MEMCACHED_IMAGE: &str = "enclave-net/memcached";
+/// The same root filesystem with a shell entry point, for busybox tools (nc, httpd).
+pub const BUSYBOX_IMAGE: &str = "enclave-net/busybox";
+
+/// dockerd in a namespace.
+#[derive(Debug)]
+pub struct Docker {
+    daemon: Option<Daemon>,
+    dir: PathBuf,
+    netns_path: String,
+}
+
+fn short_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    // containerd's socket path lives under the exec root and must stay under 108 bytes.
+    let dir = PathBuf::from(format!(
+        "/tmp/enet-docker-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create docker dir");
+    dir
+}
+
+impl Docker {
+    /// Starts dockerd inside `ns` and imports the test images.
+    pub fn start(ns: &Netns) -> Docker {
+        let dir = short_dir();
+        let legacy = dir.join("iptables-legacy");
+        std::fs::create_dir_all(&legacy).expect("mkdir");
+        for tool in [
+            "iptables",
+            "iptables-save",
+            "iptables-restore",
+            "ip6tables",
+            "ip6tables-save",
+            "ip6tables-restore",
+        ] {
+            symlink("/usr/sbin/xtables-legacy-multi", legacy.join(tool)).expect("symlink");
+        }
+        let mut docker = Docker {
+            daemon: None,
+            dir,
+            netns_path: ns.path(),
+        };
+        docker.start_daemon();
+        docker.import_images();
+        docker
+    }
+
+    fn start_daemon(&mut self) {
+        let path = format!(
+            "{}:{}",
+            self.dir.join("iptables-legacy").display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path))
+            .arg("/usr/sbin/dockerd")
+            .arg("--data-root")
+            .arg(self.dir.join("data"))
+            .arg("--exec-root")
+            .arg(self.dir.join("exec"))
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket().display()))
+            .arg("--pidfile")
+            .arg(self.dir.join("dockerd.pid"))
+            .env("PATH", path);
+        self.daemon = Some(Daemon::start_with(
+            "dockerd",
+            cmd,
+            self.dir.join("dockerd.log"),
+            "API listen on",
+            Duration::from_secs(20),
+        ));
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("docker.sock")
+    }
+
+    /// Runs the docker CLI against this daemon.
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        Command::new("/usr/bin/docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(args)
+            .output()
+            .expect("run /usr/bin/docker")
+    }
+
+    /// Runs the docker CLI and returns its stdout, failing the test if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops and starts dockerd again with the same state.
+    pub fn restart(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+        self.start_daemon();
+    }
+
+    /// dockerd's log so far.
+    pub fn log_text(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
+    }
+
+    /// Builds the root filesystem and `docker import`s both images (about 0.1 s each).
+    fn import_images(&self) {
+        let root = self.dir.join("rootfs");
+        build_rootfs(&root);
+        for (name, changes) in [
+            (
+                MEMCACHED_IMAGE,
+                r#"-c 'ENTRYPOINT ["/usr/bin/memcached"]' -c 'CMD ["-u","nobody","-m","64","-t","2"]'"#,
+            ),
+            (BUSYBOX_IMAGE, r#"-c 'CMD ["/bin/sh"]'"#),
+        ] {
+            let script = format!(
+                "tar -C {root} -c . | /usr/bin/docker -H unix://{sock} import {changes} - {name}",
+                root = root.display(),
+                sock = self.socket().display(),
+            );
+            crate::netns::sh(&["bash", "-c", &script]);
+        }
+    }
+}
+
+/// Busybox from Debian's busybox-static, memcached, the libraries `ldd` lists for it, and
+/// `nobody` in /etc/passwd and /etc/group.
+pub fn build_rootfs(root: &Path) {
+    for d in ["bin", "usr/bin", "etc", "tmp", "www/cgi-bin"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is installed");
+    for applet in [
+        "sh", "nc", "httpd", "cat", "echo", "printenv", "sleep", "wget", "env", "ls",
+    ] {
+        symlink("busybox", root.join("bin").join(applet)).expect("symlink applet");
+    }
+    std::fs::copy("/usr/bin/memcached", root.join("usr/bin/memcached"))
+        .expect("memcached is installed");
+    let ldd = Command::new("ldd")
+        .arg("/usr/bin/memcached")
+        .output()
+        .expect("ldd");
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let dst = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().expect("lib dir")).expect("mkdir lib");
+        std::fs::copy(lib, &dst).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+    // A CGI script that prints the client address busybox httpd saw.
+    let cgi = root.join("www/cgi-bin/ip");
+    std::fs::write(
+        &cgi,
+        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"$REMOTE_ADDR\"\n",
+    )
+    .expect("cgi");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cgi, std::fs::Permissions::from_mode(0o755)).expect("chmod cgi");
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        if self.daemon.is_some() {
+            let ids = self.try_cli(&["ps", "-aq"]);
+            let ids = String::from_utf8_lossy(&ids.stdout);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids);
+                let _ = self.try_cli(&args);
+            }
+        }
+        if let Some(mut d) = self.daemon.take() {
+            if std::thread::panicking() {
+                eprintln!("dockerd log:\n{}", d.log_text());
+            }
+            d.stop();
+        }
+        // Unmount whatever dockerd left mounted below the directory, deepest first.
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let prefix = self.dir.to_string_lossy().into_owned();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").args(["-l", p]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
