@@ -16,17 +16,19 @@ pub struct Daemon {
     stop_timeout: Duration,
 }
 
-/// Where the workspace's binaries are: `ENCLAVE_NET_BIN_DIR`, or the profile directory this
-/// test binary was built into (`target/<profile>/deps/..`).
+/// Where the workspace's binaries are: `ENCLAVE_NET_BIN_DIR`, or the profile directory the
+/// running binary was built into (`target/<profile>`, or its `deps/` for test binaries).
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("ENCLAVE_NET_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let exe = std::env::current_exe().expect("current_exe");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("test binary lives in target/<profile>/deps")
-                .to_path_buf()
+            let dir = exe.parent().expect("binary has a directory");
+            if dir.ends_with("deps") {
+                dir.parent().map_or(dir.to_path_buf(), Path::to_path_buf)
+            } else {
+                dir.to_path_buf()
+            }
         });
     let path = dir.join(name);
     assert!(
@@ -99,6 +101,11 @@ impl Daemon {
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether it is still running.
