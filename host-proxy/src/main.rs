@@ -6,7 +6,7 @@ use clap::Parser;
 fn main() -> anyhow::Result<()> {
     let config = host_proxy::Config::parse();
     common::telemetry::init(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(host_proxy::run(config))?;
