@@ -47,6 +47,11 @@ pub struct Config {
     #[arg(long, default_value = "16384")]
     pub max_connections: usize,
 
+    /// Worker threads. 1 keeps every hop of a connection on one thread, which is fastest when
+    /// cores are scarce; 0 means one per core, for parents with many cores and streams.
+    #[arg(long, default_value = "1")]
+    pub threads: usize,
+
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: LogFormat,

@@ -6,9 +6,18 @@ use clap::Parser;
 fn main() -> anyhow::Result<()> {
     let config = host_proxy::Config::parse();
     common::telemetry::init(config.log_format);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = match config.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b.enable_all().build()?
+        }
+    };
     runtime.block_on(host_proxy::run(config))?;
     // Connection tasks still running are dropped here, which closes their sockets.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

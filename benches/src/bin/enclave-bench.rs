@@ -180,8 +180,16 @@ fn measure(t: &Target, args: &Args, clock: &Clock) -> PathResult {
         if args.demo && key != "memcaslap" {
             continue;
         }
+        let applicable = match key {
+            "egress1" => t.egress.is_some(),
+            "memcaslap" => true,
+            _ => t.iperf.is_some(),
+        };
         let mut runs = Vec::new();
         for run in 1..=args.runs {
+            if !applicable {
+                break;
+            }
             clock.stage(&format!("{}: {label}, run {run}/{}", t.name, args.runs));
             let v = match key {
                 "memcaslap" => memcaslap(t.client, &t.memcached, args.memcaslap_secs),
@@ -202,14 +210,6 @@ fn measure(t: &Target, args: &Args, clock: &Clock) -> PathResult {
                     })
                 }
             };
-            let applicable = match key {
-                "egress1" => t.egress.is_some(),
-                "memcaslap" => true,
-                _ => t.iperf.is_some(),
-            };
-            if !applicable {
-                break;
-            }
             if v.is_none() {
                 result.notes.push(format!("{label}: run {run} failed"));
             }
