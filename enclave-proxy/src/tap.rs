@@ -1,7 +1,8 @@
 //! The TAP device as a smoltcp [`Device`], with the SYN filter in front of the stack.
 //!
 //! Buffers are allocated once: one receive buffer and one transmit buffer of a full frame each,
-//! reused for every packet. Reads and writes are non-blocking; an error is counted and logged,
+//! reused for every packet. Each buffer starts with the `virtio_net_hdr` the TAP exchanges: on
+//! transmit it is written once, marking every frame's checksums valid; on receive it is skipped. Reads and writes are non-blocking; an error is counted and logged,
 //! never a panic (smoltcp's own `TunTapInterface` allocates per packet and panics on errors).
 
 use std::collections::{HashMap, VecDeque};
@@ -14,6 +15,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::packet::{classify, FlowKey, Frame};
+use crate::sys::{VNET_HDR_F_DATA_VALID, VNET_HDR_LEN};
 
 /// Ethernet header length.
 pub const ETH_HEADER: usize = 14;
@@ -67,12 +69,14 @@ pub struct Tap {
 impl Tap {
     /// Wraps an open TAP file descriptor (see [`crate::sys::open_tap`]).
     pub fn new(file: File, mtu: usize) -> io::Result<Tap> {
-        let frame = mtu + ETH_HEADER;
+        let frame = VNET_HDR_LEN + ETH_HEADER + mtu;
+        let mut tx = vec![0u8; frame].into_boxed_slice();
+        tx[0] = VNET_HDR_F_DATA_VALID;
         Ok(Tap {
             fd: crate::sys::register_tap(file)?,
             mtu,
             rx: vec![0u8; frame].into_boxed_slice(),
-            tx: vec![0u8; frame].into_boxed_slice(),
+            tx,
             inject: VecDeque::new(),
             flows: HashMap::new(),
             held: Vec::new(),
@@ -95,7 +99,12 @@ impl Tap {
 
     /// Writes one frame straight to the TAP (for frames smoltcp does not make).
     pub fn send_raw(&mut self, frame: &[u8]) {
-        write_frame(self.fd.get_ref(), frame, &mut self.tx_dropped);
+        let Some(buf) = self.tx.get_mut(..VNET_HDR_LEN + frame.len()) else {
+            self.tx_dropped += 1;
+            return;
+        };
+        buf[VNET_HDR_LEN..].copy_from_slice(frame);
+        write_frame(self.fd.get_ref(), buf, &mut self.tx_dropped);
     }
 
     /// Marks a held flow as having a socket now.
@@ -156,9 +165,10 @@ pub struct TxToken<'a> {
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let len = len.min(self.buf.len());
+        let len = (VNET_HDR_LEN + len).min(self.buf.len());
         let buf = &mut self.buf[..len];
-        let r = f(buf);
+        // The header before the frame was written once, at creation.
+        let r = f(&mut buf[VNET_HDR_LEN..]);
         write_frame(self.file, buf, self.dropped);
         r
     }
@@ -178,7 +188,8 @@ impl Device for Tap {
                 self.rx_budget -= 1;
                 let mut file = self.fd.get_ref();
                 let n = match file.read(&mut self.rx) {
-                    Ok(n) => n,
+                    Ok(n) if n > VNET_HDR_LEN + ETH_HEADER => n,
+                    Ok(_) => continue,
                     Err(e) => {
                         if e.kind() != io::ErrorKind::WouldBlock {
                             warn!("TAP read failed: {e}");
@@ -187,11 +198,12 @@ impl Device for Tap {
                         return None;
                     }
                 };
-                let Frame::Syn(key) = classify(&self.rx[..n]) else {
-                    break RxToken::Borrowed(&self.rx[..n]);
+                let frame = VNET_HDR_LEN..n;
+                let Frame::Syn(key) = classify(&self.rx[frame.clone()]) else {
+                    break RxToken::Borrowed(&self.rx[frame]);
                 };
                 match self.flows.get(&key) {
-                    Some(FlowState::Active) => break RxToken::Borrowed(&self.rx[..n]),
+                    Some(FlowState::Active) => break RxToken::Borrowed(&self.rx[frame]),
                     Some(FlowState::Pending) => continue,
                     None if self.pending >= self.max_pending => continue,
                     None => {
@@ -199,7 +211,7 @@ impl Device for Tap {
                         self.pending += 1;
                         self.held.push(HeldSyn {
                             key,
-                            frame: self.rx[..n].to_vec(),
+                            frame: self.rx[frame].to_vec(),
                         });
                     }
                 }
@@ -225,9 +237,9 @@ impl Device for Tap {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + ETH_HEADER;
-        // Frames from the TAP were checksummed by the enclave kernel on the same machine and
-        // never crossed a wire, so verifying them again only costs time; frames we send must
-        // still carry correct checksums, because the kernel verifies them.
+        // Frames from the TAP never crossed a wire, and with checksum offload the kernel leaves
+        // their TCP checksums partial, so they are not verified. Frames we send carry correct
+        // checksums (they are marked valid in the virtio header, and must be).
         let mut checksum = ChecksumCapabilities::default();
         checksum.ipv4 = Checksum::Tx;
         checksum.tcp = Checksum::Tx;
