@@ -8,6 +8,7 @@
 //! - [`metrics`]: connection and byte counters;
 //! - [`cli`]: command-line value parsers;
 //! - [`ports`]: port lists such as `80,443,8000-8100`;
+//! - [`serve`]: the accept loop shared by every listener;
 //! - [`telemetry`]: tracing set-up and shutdown signals.
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod handshake;
 pub mod metrics;
 pub mod ports;
+pub mod serve;
 pub mod telemetry;
 pub mod transport;
 pub mod wire;

@@ -26,18 +26,8 @@ pub async fn serve(
     counters: Arc<Counters>,
 ) {
     let expose = Arc::new(expose);
-    let mut next_id: u64 = 0;
-    loop {
-        let (link, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("ingress accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        next_id += 1;
-        let span = info_span!("ingress", conn.id = next_id, link.peer = %peer);
+    common::serve::accept_loop(listener, "ingress", |link, peer, id| {
+        let span = info_span!("ingress", conn.id = id, link.peer = %peer);
         let task = admit(
             link,
             expose.clone(),
@@ -46,7 +36,8 @@ pub async fn serve(
             counters.clone(),
         );
         tokio::spawn(task.instrument(span));
-    }
+    })
+    .await;
 }
 
 async fn admit(

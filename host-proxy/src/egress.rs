@@ -20,20 +20,11 @@ use crate::Shared;
 
 /// Accepts egress streams until the task is cancelled.
 pub async fn serve(listener: Listener, shared: Arc<Shared>) {
-    let mut next_id: u64 = 0;
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("egress accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        next_id += 1;
-        let span = info_span!("egress", conn.id = next_id, link.peer = %peer);
+    common::serve::accept_loop(listener, "egress", |stream, peer, id| {
+        let span = info_span!("egress", conn.id = id, link.peer = %peer);
         tokio::spawn(handle(stream, shared.clone()).instrument(span));
-    }
+    })
+    .await;
 }
 
 async fn handle(mut link: Stream, shared: Arc<Shared>) {

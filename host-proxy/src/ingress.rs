@@ -18,24 +18,18 @@ use crate::Shared;
 
 /// Accepts clients on one published port until the task is cancelled.
 pub async fn serve(listener: TcpListener, enclave_port: u16, shared: Arc<Shared>) {
-    let mut next_id: u64 = 0;
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("ingress accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        next_id += 1;
+    common::serve::accept_loop(listener, "ingress", |tcp, peer, id| {
         let span =
-            info_span!("ingress", conn.id = next_id, tcp.peer = %peer, enclave.port = enclave_port);
-        tokio::spawn(handle(tcp, peer, enclave_port, shared.clone()).instrument(span));
-    }
+            info_span!("ingress", conn.id = id, tcp.peer = %peer, enclave.port = enclave_port);
+        tokio::spawn(handle(tcp, enclave_port, shared.clone()).instrument(span));
+    })
+    .await;
 }
 
-async fn handle(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: Arc<Shared>) {
+async fn handle(mut tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>) {
+    let Ok(peer) = tcp.peer_addr() else {
+        return; // The client is already gone.
+    };
     let Ok(_permit) = shared.permits.clone().try_acquire_owned() else {
         warn!("connection cap reached, resetting client");
         Counters::bump(&shared.counters.failed);

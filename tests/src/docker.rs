@@ -7,7 +7,7 @@
 //! `xtables-legacy-multi`. Its data root, exec root and socket live in a temporary directory.
 //!
 //! Everything is undone on drop: containers removed, dockerd stopped by its PID, leftover mounts
-//! unmounted, the directory removed.
+//! unmounted, the directory removed (and on Ctrl-C, by [`crate::cleanup`]).
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,7 @@ fn short_dir() -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create docker dir");
+    crate::cleanup::register(crate::cleanup::Item::Dir(dir.clone()));
     dir
 }
 
@@ -222,18 +223,9 @@ impl Drop for Docker {
             }
             d.stop();
         }
-        // Unmount whatever dockerd left mounted below the directory, deepest first.
-        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let prefix = self.dir.to_string_lossy().into_owned();
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|p| p.starts_with(&prefix))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = Command::new("umount").args(["-l", p]).status();
-        }
+        // Unmount whatever dockerd left mounted below the directory.
+        crate::cleanup::unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
+        crate::cleanup::forget(&crate::cleanup::Item::Dir(self.dir.clone()));
     }
 }

@@ -6,6 +6,7 @@
 // These tests time real processes across namespaces, so wall-clock `std::time::Instant` is right here.
 #![allow(clippy::unwrap_used, missing_docs, clippy::disallowed_types)]
 
+pub mod cleanup;
 pub mod docker;
 pub mod lab;
 pub mod netns;

@@ -63,6 +63,7 @@ impl Netns {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{PREFIX}{}x{n}{role}", std::process::id());
         sh(&["ip", "netns", "add", &name]);
+        crate::cleanup::register(crate::cleanup::Item::Netns(name.clone()));
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
@@ -136,6 +137,7 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        crate::cleanup::forget(&crate::cleanup::Item::Netns(self.name.clone()));
     }
 }
 

@@ -66,6 +66,7 @@ impl Daemon {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        crate::cleanup::register(crate::cleanup::Item::Process(child.id()));
         let mut daemon = Daemon {
             child: Some(child),
             log,
@@ -119,6 +120,7 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             return false;
         };
+        crate::cleanup::forget(&crate::cleanup::Item::Process(child.id()));
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + self.stop_timeout;
@@ -138,4 +140,26 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Stops a process by PID: SIGTERM, then SIGKILL if it has not exited (or become a zombie)
+/// after `timeout`.
+pub fn terminate(pid: u32, timeout: Duration) {
+    let target = Pid::from_raw(pid as i32);
+    if kill(target, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let gone = state
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|s| s == "Z");
+        if gone {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(target, Signal::SIGKILL);
 }

@@ -46,6 +46,7 @@ impl TempDir {
             std::env::temp_dir().join(format!("enclave-net-test-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
+        crate::cleanup::register(crate::cleanup::Item::Dir(path.clone()));
         TempDir(path)
     }
 }
@@ -53,6 +54,7 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        crate::cleanup::forget(&crate::cleanup::Item::Dir(self.0.clone()));
     }
 }
 

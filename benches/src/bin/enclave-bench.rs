@@ -102,12 +102,21 @@ fn median(xs: &[Option<f64>]) -> Option<f64> {
 }
 
 fn run_in(ns: &Netns, program: &str, args: &[&str], limit: u32) -> Option<String> {
-    let out = Command::new("timeout")
+    use enclave_net_tests::cleanup::{forget, register, Item};
+    let child = Command::new("timeout")
         .arg(limit.to_string())
         .args(["ip", "netns", "exec", ns.name(), program])
         .args(args)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
         .ok()?;
+    // Registered so that Ctrl-C stops the load generator too.
+    let item = Item::Process(child.id());
+    register(item.clone());
+    let out = child.wait_with_output();
+    forget(&item);
+    let out = out.ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     out.status.success().then_some(text)
 }
