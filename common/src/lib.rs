@@ -9,14 +9,16 @@
 //! - [`cli`]: command-line value parsers;
 //! - [`ports`]: port lists such as `80,443,8000-8100`;
 //! - [`serve`]: the accept loop shared by every listener;
+//! - [`sys`]: allocator tuning, the crate's one unsafe call;
 //! - [`telemetry`]: tracing set-up and shutdown signals.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod handshake;
 pub mod metrics;
 pub mod ports;
 pub mod serve;
+pub mod sys;
 pub mod telemetry;
 pub mod transport;
 pub mod wire;

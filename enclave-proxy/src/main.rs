@@ -5,6 +5,7 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let config = enclave_proxy::Config::parse();
+    common::sys::pin_mmap_threshold();
     common::telemetry::init(config.log_format);
     // One thread: the stack task owns everything and is the only hot path; the enclave kernel
     // and the applications get the other cores.

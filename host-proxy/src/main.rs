@@ -5,6 +5,7 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let config = host_proxy::Config::parse();
+    common::sys::pin_mmap_threshold();
     common::telemetry::init(config.log_format);
     let runtime = match config.threads {
         1 => tokio::runtime::Builder::new_current_thread()
