@@ -20,8 +20,13 @@ ensure_packages() {
 
 # Makes cargo available: the machine's rustup toolchain, or Debian's if that is new enough.
 ensure_cargo() {
-    if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
-        export PATH="$HOME/.cargo/bin:$PATH"
+    if ! command -v cargo >/dev/null 2>&1; then
+        for dir in "${HOME:-/root}/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
+            if [ -x "$dir/cargo" ]; then
+                export PATH="$dir:$PATH"
+                break
+            fi
+        done
     fi
     if ! command -v cargo >/dev/null 2>&1; then
         ensure_packages cargo rustc

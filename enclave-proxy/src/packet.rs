@@ -96,7 +96,7 @@ pub fn icmp_unreachable(
     let data = &ip.payload()[..ip.payload().len().min(8)];
     let reason = match why {
         Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
-        Unreachable::Prohibited => Icmpv4DstUnreachable::HostProhibited,
+        Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
     };
     let icmp = Icmpv4Repr::DstUnreachable {
         reason,
