@@ -72,8 +72,7 @@ impl Config {
     /// enclave address.
     pub fn validate(&self) -> Result<(), String> {
         let (addr, prefix) = self.address;
-        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-        if u32::from(addr) & mask != u32::from(self.gateway) & mask {
+        if !on_subnet(self.gateway, addr, prefix) {
             return Err(format!(
                 "--gateway {} is not on the subnet of --address {addr}/{prefix}",
                 self.gateway
@@ -84,6 +83,12 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `ip` is on the `/prefix` subnet of `net`.
+pub fn on_subnet(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net) & mask
 }
 
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {

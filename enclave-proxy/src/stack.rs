@@ -384,8 +384,7 @@ impl Stack {
             self.sockets.remove(handle);
             return refuse(link, Status::BadRequest, &self.counters);
         }
-        if source.addr != IpAddress::Ipv4(ipv4_of(header.src.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED))
-        {
+        if source.addr == IpAddress::Ipv4(self.settings.gateway) {
             debug!(parent: &span, %source, "client cannot be a source on the TAP; using the gateway");
         }
         self.tap.activate(key);
@@ -395,14 +394,12 @@ impl Stack {
     /// The source for an ingress connection: the real client if it can be one on the TAP.
     fn ingress_source(&mut self, client: SocketAddr, remote: IpEndpoint) -> Option<IpEndpoint> {
         let (tap_addr, prefix) = self.settings.address;
-        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
         if let Some(ip) = ipv4_of(client.ip()) {
-            let on_tap_subnet = u32::from(ip) & mask == u32::from(tap_addr) & mask;
             let usable = !(ip.is_loopback()
                 || ip.is_unspecified()
                 || ip.is_broadcast()
                 || ip.is_multicast()
-                || on_tap_subnet);
+                || crate::config::on_subnet(ip, tap_addr, prefix));
             if usable {
                 return Some(IpEndpoint::new(IpAddress::Ipv4(ip), client.port()));
             }

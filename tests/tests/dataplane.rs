@@ -49,6 +49,13 @@ async fn t1_ingress_keeps_the_client_ip() {
         let stream = topo.client.connect(topo.published()).await.unwrap();
         let said = read_all(stream).await.unwrap();
         assert_eq!(said.trim(), CLIENT_IP.to_string(), "{}", topo.logs());
+        // A client on the parent's own loopback cannot be a source on the TAP: the enclave sees
+        // the gateway instead.
+        let local = SocketAddr::from(([127, 0, 0, 1], PUBLISHED));
+        let said = read_all(topo.parent.connect(local).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(said.trim(), "10.240.0.1", "{}", topo.logs());
     })
     .await;
 }
