@@ -26,8 +26,16 @@ pub async fn serve(
     counters: Arc<Counters>,
 ) {
     let expose = Arc::new(expose);
+    // Streams still sending their header, or waiting for the stack to take them. Bounded, so a
+    // flood of streams from the (untrusted) host cannot grow tasks without limit.
+    let admitting = Arc::new(tokio::sync::Semaphore::new(MAX_ADMITTING));
     common::serve::accept_loop(listener, "ingress", |link, peer, id| {
         let span = info_span!("ingress", conn.id = id, link.peer = %peer);
+        let Ok(permit) = admitting.clone().try_acquire_owned() else {
+            warn!(parent: &span, "too many ingress streams being set up; closing this one");
+            counters.failure(Status::Unreachable);
+            return;
+        };
         let task = admit(
             link,
             expose.clone(),
@@ -35,10 +43,19 @@ pub async fn serve(
             events.clone(),
             counters.clone(),
         );
-        tokio::spawn(task.instrument(span));
+        tokio::spawn(
+            async move {
+                task.await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
     })
     .await;
 }
+
+/// The most ingress streams in set-up at once.
+const MAX_ADMITTING: usize = 1024;
 
 async fn admit(
     mut link: Stream,
