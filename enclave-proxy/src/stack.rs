@@ -31,6 +31,7 @@ use std::time::Duration;
 use common::metrics::Counters;
 use common::transport::{LinkAddr, Stream};
 use common::wire::{Header, Kind, Status};
+use futures::FutureExt;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, CongestionControl};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -38,7 +39,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
-use crate::conn::{Conn, Outcome};
+use crate::conn::{Conn, ConnState, Outcome};
 use crate::packet::{icmp_unreachable, FlowKey, Unreachable};
 use crate::tap::{HeldSyn, Tap, RX_BUDGET};
 
@@ -225,8 +226,16 @@ impl Stack {
                     .map(|l| !l.is_empty())
                     .unwrap_or(false);
             if busy {
-                // Let the accept and connect tasks run, then go round again without sleeping.
+                // Let the accept and connect tasks run, then go round again without sleeping;
+                // under steady load the loop may never sleep, so look at the signal and the
+                // deadline tick here too.
                 tokio::task::yield_now().await;
+                if (&mut shutdown).now_or_never().is_some() {
+                    break;
+                }
+                if tick.tick().now_or_never().is_some() {
+                    self.check_deadlines();
+                }
                 continue;
             }
             let now = self.now();
@@ -453,7 +462,14 @@ impl Stack {
         };
         entry.waker.queued.store(false, Ordering::Release);
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let was_connecting = matches!(entry.conn.state, ConnState::Connecting { .. });
         let outcome = entry.conn.pump(socket, Instant::now());
+        if was_connecting
+            && entry.conn.kind == Kind::TcpIngress
+            && !matches!(entry.conn.state, ConnState::Connecting { .. })
+        {
+            Counters::bump(&self.counters.opened);
+        }
         if outcome == Outcome::Keep {
             socket.register_recv_waker(&entry.conn.waker);
             socket.register_send_waker(&entry.conn.waker);
@@ -505,7 +521,7 @@ impl Stack {
         let connecting: Vec<SocketHandle> = self
             .conns
             .iter()
-            .filter(|(_, e)| matches!(e.conn.state, crate::conn::ConnState::Connecting { .. }))
+            .filter(|(_, e)| matches!(e.conn.state, ConnState::Connecting { .. }))
             .map(|(h, _)| *h)
             .collect();
         for handle in connecting {
