@@ -2,6 +2,7 @@
 //!
 //! Layers, from the wire up:
 //! - [`wire`]: the sans-IO stream header and status codec (the protocol primer lives there);
+//! - [`frame`]: the payload framing after the status (data, FIN, RST; primer there);
 //! - [`transport`]: `vsock:CID:PORT` and `unix:PATH` link addresses and streams, with the 32 KiB
 //!   write cap;
 //! - [`handshake`]: reading and writing those messages on a stream with deadlines;
@@ -14,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod frame;
 pub mod handshake;
 pub mod metrics;
 pub mod ports;

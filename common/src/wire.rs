@@ -5,8 +5,9 @@
 //! Every TCP connection that crosses the vsock link is one stream of its own. The side that opens
 //! the stream (enclave-proxy for egress, host-proxy for ingress) first writes a [`Header`]; the
 //! accepting side answers with a [`Status`] before either side sends payload. After an `ok` status
-//! the stream carries the connection's bytes verbatim in both directions, and `shutdown(WR)` on
-//! the stream stands for a TCP FIN.
+//! the stream carries the connection's bytes in both directions as [frames](crate::frame): data,
+//! FIN (end of one direction) and RST (abort), so a reset or a dead daemon is never mistaken for
+//! a clean close. Version 2 introduced the framing; a version-1 peer gets `BadVersion`.
 //!
 //! ```text
 //! Header (20 bytes for IPv4/IPv4, 44 for IPv6/IPv6, all integers big-endian):
@@ -40,7 +41,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// The four bytes every header starts with.
 pub const MAGIC: [u8; 4] = *b"ENET";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// The first byte of every status reply.
 pub const STATUS_MARKER: u8 = 0xE5;
 /// Length of the fixed part of a header, which is enough to know its full length.
@@ -322,7 +323,7 @@ mod tests {
         assert_eq!(
             &buf[..len],
             &[
-                b'E', b'N', b'E', b'T', 1, 1, 4, 4, 10, 240, 0, 2, 0x9c, 0x40, 93, 184, 216, 34, 1,
+                b'E', b'N', b'E', b'T', 2, 1, 4, 4, 10, 240, 0, 2, 0x9c, 0x40, 93, 184, 216, 34, 1,
                 0xbb
             ]
         );
