@@ -26,6 +26,7 @@
 //! How a stream ends:
 //! - each side sends FIN once its TCP peer has finished sending, and closes the link only once it
 //!   has both sent and received FIN. Such an end is clean;
+//! - a RST may follow a FIN (the TCP peer half-closed, then reset); nothing else may;
 //! - a side whose TCP peer reset sends RST (when it can) and closes the link;
 //! - anything else the receiver sees — end of file before FIN, a read error, a frame cut short,
 //!   a malformed frame — means the other daemon died or misbehaved, and the receiver resets its
@@ -84,7 +85,7 @@ pub enum FrameError {
         /// Its length field.
         len: usize,
     },
-    /// Bytes followed a FIN or a RST in the same direction.
+    /// Bytes other than a RST followed a FIN, or anything followed a RST.
     #[error("bytes after the end of the direction")]
     AfterEnd,
 }
@@ -142,6 +143,17 @@ impl Deframer {
         self.data_left
     }
 
+    /// Header bytes still needed before the next frame is known (0 inside a DATA payload).
+    /// A reader that may only take `room` payload bytes can safely read `room + header_left()`
+    /// bytes: headers take up the rest.
+    pub fn header_left(&self) -> usize {
+        if self.data_left > 0 {
+            0
+        } else {
+            FRAME_HEADER_LEN - self.have
+        }
+    }
+
     /// Decodes from the start of `input`. Returns how many bytes were consumed and what they
     /// were; `None` means all of `input` was consumed into a partial header. Call again with the
     /// rest of the input until it is empty.
@@ -149,7 +161,13 @@ impl Deframer {
         if input.is_empty() {
             return Ok((0, None));
         }
-        if self.end != End::Open {
+        // After a FIN only a RST may follow (TCP allows a reset after a half-close).
+        let kind = if self.have == 0 {
+            input[0]
+        } else {
+            self.header[0]
+        };
+        if self.end == End::Rst || (self.end == End::Fin && kind != TYPE_RST) {
             return Err(FrameError::AfterEnd);
         }
         if self.data_left > 0 {
@@ -199,7 +217,8 @@ impl Deframer {
 
 /// Encodes `payload` as DATA frames followed by `end` (FIN or RST), for tests and tools.
 pub fn encode_all(payload: &[u8], end: Option<Chunk>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + FRAME_HEADER_LEN * (2 + payload.len() / MAX_DATA));
+    let mut out =
+        Vec::with_capacity(payload.len() + FRAME_HEADER_LEN * (2 + payload.len() / MAX_DATA));
     for piece in payload.chunks(MAX_DATA) {
         out.extend_from_slice(&data_header(piece.len()));
         out.extend_from_slice(piece);
@@ -274,6 +293,12 @@ mod tests {
         let mut bytes = encode_all(b"", Some(Chunk::Fin));
         bytes.extend_from_slice(&FIN);
         assert_eq!(decode_all(&bytes, 3).2, Err(FrameError::AfterEnd));
+        // A reset may follow a half-close.
+        let mut bytes = encode_all(b"abc", Some(Chunk::Fin));
+        bytes.extend_from_slice(&RST);
+        assert_eq!(decode_all(&bytes, 2), (b"abc".to_vec(), End::Rst, Ok(())));
+        bytes.push(0);
+        assert_eq!(decode_all(&bytes, 2).2, Err(FrameError::AfterEnd));
     }
 
     #[test]

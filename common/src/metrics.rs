@@ -1,8 +1,11 @@
 //! Connection and byte counters kept beside the logs (firecracker's vsock `METRICS` is the model).
+//!
+//! Monotonic counters and two gauges of live connections. Every daemon logs them all on one line
+//! at exit and whenever it receives SIGUSR1 ([`log_on_sigusr1`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Counters for one daemon. All are monotonic.
+/// Counters for one daemon.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Connections that reached the `ok` status.
@@ -13,12 +16,20 @@ pub struct Counters {
     pub denied: AtomicU64,
     /// Connections that failed otherwise (unreachable, timed out, bad request, link down).
     pub failed: AtomicU64,
+    /// Connections turned away by a cap (total, per client or per destination).
+    pub capped: AtomicU64,
     /// Connections that ended with an error or reset rather than two clean closes.
     pub reset: AtomicU64,
+    /// Connections closed because they were idle too long.
+    pub idle_closed: AtomicU64,
     /// Payload bytes carried client->enclave (ingress) or world->enclave (egress replies).
     pub bytes_to_enclave: AtomicU64,
     /// Payload bytes carried enclave->client or enclave->world.
     pub bytes_from_enclave: AtomicU64,
+    /// Ingress connections alive now (gauge), from set-up to the end.
+    pub live_ingress: AtomicU64,
+    /// Egress connections alive now (gauge), from set-up to the end.
+    pub live_egress: AtomicU64,
 }
 
 impl Counters {
@@ -37,6 +48,12 @@ impl Counters {
         });
     }
 
+    /// Counts one live connection in `gauge` until the returned guard drops.
+    pub fn live<'a>(&'a self, gauge: &'a AtomicU64) -> LiveGuard<'a> {
+        gauge.fetch_add(1, Relaxed);
+        LiveGuard(gauge)
+    }
+
     /// Logs every counter on one line.
     pub fn log(&self, who: &str) {
         tracing::info!(
@@ -44,10 +61,35 @@ impl Counters {
             refused = self.refused.load(Relaxed),
             denied = self.denied.load(Relaxed),
             failed = self.failed.load(Relaxed),
+            capped = self.capped.load(Relaxed),
             reset = self.reset.load(Relaxed),
+            idle_closed = self.idle_closed.load(Relaxed),
             bytes.to_enclave = self.bytes_to_enclave.load(Relaxed),
             bytes.from_enclave = self.bytes_from_enclave.load(Relaxed),
+            live.ingress = self.live_ingress.load(Relaxed),
+            live.egress = self.live_egress.load(Relaxed),
             "{who} counters"
         );
+    }
+}
+
+/// Decrements a live-connection gauge when dropped (see [`Counters::live`]).
+#[derive(Debug)]
+pub struct LiveGuard<'a>(&'a AtomicU64);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Logs `counters` each time SIGUSR1 arrives; runs until cancelled.
+pub async fn log_on_sigusr1(counters: &Counters, who: &str) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return std::future::pending().await;
+    };
+    while usr1.recv().await.is_some() {
+        counters.log(who);
     }
 }

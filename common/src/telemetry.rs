@@ -63,3 +63,62 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// Lets one event through per `period` and counts the rest, for log lines that a flood could
+/// trigger once per connection (an unreachable peer, bad headers): the first is logged with how
+/// many were held back since the last one, and the others can go to `debug`. Const-constructible,
+/// so it can be a `static` beside the code that logs.
+#[derive(Debug)]
+pub struct RateLimit {
+    period: std::time::Duration,
+    /// When an event was last let through, and how many were held back since.
+    state: std::sync::Mutex<(Option<tokio::time::Instant>, u64)>,
+}
+
+impl RateLimit {
+    /// At most one event per `period`.
+    pub const fn new(period: std::time::Duration) -> RateLimit {
+        RateLimit {
+            period,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last one let through)` if this event may be logged; `None` if
+    /// it is held back.
+    pub fn allow(&self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.period => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let held = state.1;
+                *state = (Some(now), 0);
+                Some(held)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::RateLimit;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_per_period_with_a_count_of_the_rest() {
+        static LIMIT: RateLimit = RateLimit::new(Duration::from_secs(10));
+        assert_eq!(LIMIT.allow(), Some(0));
+        assert_eq!(LIMIT.allow(), None);
+        assert_eq!(LIMIT.allow(), None);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(LIMIT.allow(), Some(2));
+        assert_eq!(LIMIT.allow(), None);
+    }
+}

@@ -53,9 +53,21 @@ pub struct Config {
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = common::cli::parse_secs)]
     pub handshake_timeout: Duration,
 
-    /// The most connections carried at once.
-    #[arg(long, default_value = "16384")]
-    pub max_connections: usize,
+    /// The most ingress connections carried at once; past it host-proxy is answered at once.
+    #[arg(long, value_name = "N", default_value = "16384")]
+    pub max_ingress: usize,
+
+    /// The most egress connections at once, those waiting on host-proxy included; past it an
+    /// application's connect() fails at once.
+    #[arg(long, value_name = "N", default_value = "16384")]
+    pub max_egress: usize,
+
+    /// The most egress connections waiting on host-proxy for one destination (IP and port), so
+    /// that a slow or black-holed destination delays only its own connections. A connect only
+    /// waits for one host-proxy round trip and the destination's handshake, so the default
+    /// leaves room for large bursts to one healthy server.
+    #[arg(long, value_name = "N", default_value = "1024")]
+    pub max_pending_per_destination: usize,
 
     /// Per-connection TCP buffer in each direction, in KiB. Memory is only committed as it is
     /// used, so idle connections stay small.

@@ -1,10 +1,21 @@
-//! One carried connection: a smoltcp TCP socket on one side, a link stream on the other.
+//! One carried connection: a smoltcp TCP socket on one side, a framed link stream on the other.
 //!
-//! The stack task owns both and moves bytes between them without an intermediate buffer:
-//! `socket.recv` hands its receive ring straight to the stream's `poll_write`, and `socket.send`
-//! hands its free transmit ring straight to the stream's `poll_read`. Back-pressure is therefore
-//! the TCP window: the stream is only read while the socket has send space, and the socket is
-//! only drained while the stream accepts writes.
+//! The stack task owns both and moves bytes between them through one scratch buffer it lends to
+//! every connection in turn (so an idle connection holds no buffer of its own):
+//! - "app->link": the socket's received bytes are copied from its ring into DATA frames of at
+//!   most one capped link write each, and dequeued only once the link took them. The app's FIN
+//!   becomes a FIN frame once everything before it is written.
+//! - "link->app": frames read from the link are decoded ([`common::frame::Deframer`]) and their
+//!   payload queued on the socket. The link is read only as far as the socket has send space
+//!   (plus the next frame header), so back-pressure is the TCP window and nothing is buffered
+//!   here. A FIN frame closes the socket's sending half.
+//!
+//! How a connection ends (see [`common::frame`] for the link side):
+//! - FIN both ways and the socket closed: [`Outcome::Done`].
+//! - The app resets, or smoltcp gives up: what the socket had received still goes to the link,
+//!   bounded by [`DRAIN_LIMIT`], then a RST frame: [`Outcome::Reset`].
+//! - A RST frame, a malformed frame, a link error, or a link that ends before both FINs crossed
+//!   (host-proxy died): the socket is aborted, so the app sees a reset, never a clean close.
 //!
 //! Both ends wake the connection through one [`Waker`] that queues its socket handle for the
 //! stack task: the stream registers it when a poll returns `Pending`, smoltcp when the socket's
@@ -13,7 +24,9 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
+use common::frame::{self, Chunk, Deframer, End, FRAME_HEADER_LEN, MAX_DATA};
 use common::transport::Stream;
 use common::wire::{Kind, Status, STATUS_LEN};
 use smoltcp::socket::tcp::{self, State};
@@ -22,6 +35,12 @@ use tokio::time::Instant;
 use tracing::{debug, Span};
 
 use crate::packet::FlowKey;
+
+/// How long a connection whose socket has closed may take to hand what it received to the link.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// The scratch buffer a connection is lent while it is pumped: a full link write, or a read.
+pub const SCRATCH_LEN: usize = 64 * 1024;
 
 /// Where a connection is. "app" is the enclave side (the smoltcp socket), "link" is host-proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,12 +53,18 @@ pub enum ConnState {
     },
     /// Bytes move both ways ("link->app" and "app->link").
     Open,
-    /// The link sent EOF, so a FIN is queued to the app; "app->link" still moves.
+    /// The link sent FIN, so a FIN is queued to the app; "app->link" still moves.
     LinkClosed,
-    /// The app sent FIN, so the link is shut down for writing; "link->app" still moves.
+    /// The app sent FIN and the link has its FIN frame; "link->app" still moves.
     AppClosed,
     /// Both directions are finished; smoltcp is completing its close.
     Closing,
+    /// The socket closed (the app reset it, or smoltcp gave up) before both directions finished:
+    /// what it received still goes to the link until `deadline`, then the link gets a RST.
+    Draining {
+        /// When to stop waiting for the link.
+        deadline: Instant,
+    },
 }
 
 /// What the stack should do with a connection after servicing it.
@@ -49,10 +74,37 @@ pub enum Outcome {
     Keep,
     /// Both directions closed cleanly.
     Done,
-    /// It was reset (by the app, by a link error or by a time-out); drop the link.
+    /// It was reset (by the app, by the link, by a time-out); the socket is aborted, drop the
+    /// link.
     Reset,
     /// Ingress set-up failed: tell host-proxy this status, then close the link.
     Refuse(Status),
+}
+
+/// The frame being written app->link: header bytes not yet written, and payload bytes still in
+/// the socket's receive ring.
+#[derive(Debug, Clone, Copy)]
+struct Outgoing {
+    header: [u8; FRAME_HEADER_LEN],
+    header_at: usize,
+    data_left: usize,
+    /// The frame is the FIN.
+    fin: bool,
+}
+
+impl Outgoing {
+    fn idle() -> Outgoing {
+        Outgoing {
+            header: [0; FRAME_HEADER_LEN],
+            header_at: FRAME_HEADER_LEN,
+            data_left: 0,
+            fin: false,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.header_at < FRAME_HEADER_LEN || self.data_left > 0
+    }
 }
 
 /// One carried connection.
@@ -72,6 +124,12 @@ pub struct Conn {
     pub span: Span,
     /// Bytes of the ingress `ok` status still to write before any payload.
     status_left: usize,
+    out: Outgoing,
+    /// The FIN frame has been written whole.
+    fin_sent: bool,
+    incoming: Deframer,
+    /// The link's FIN has been passed to the socket.
+    link_fin: bool,
     /// The app's FIN has been seen, so a later `Closed` is a graceful end, not a reset.
     app_fin: bool,
     /// Payload bytes link->app.
@@ -85,6 +143,10 @@ fn is_synchronized(state: State) -> bool {
         state,
         State::Closed | State::Listen | State::SynSent | State::SynReceived
     )
+}
+
+fn eof(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, what)
 }
 
 impl Conn {
@@ -105,14 +167,27 @@ impl Conn {
             waker,
             span,
             status_left: 0,
+            out: Outgoing::idle(),
+            fin_sent: false,
+            incoming: Deframer::new(),
+            link_fin: false,
             app_fin: false,
             to_app: 0,
             from_app: 0,
         }
     }
 
-    /// Moves whatever can move now. Never blocks; registers the waker wherever it would.
-    pub fn pump(&mut self, socket: &mut tcp::Socket, now: Instant) -> Outcome {
+    /// When the connection must be looked at even if nothing wakes it.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            ConnState::Connecting { deadline } | ConnState::Draining { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Moves whatever can move now, through `scratch` (at least [`SCRATCH_LEN`] bytes). Never
+    /// blocks; registers the waker wherever it would.
+    pub fn pump(&mut self, socket: &mut tcp::Socket, now: Instant, scratch: &mut [u8]) -> Outcome {
         let waker = self.waker.clone();
         let mut cx = Context::from_waker(&waker);
         self.note_app_fin(socket);
@@ -131,6 +206,13 @@ impl Conn {
                         Kind::TcpEgress => Outcome::Reset,
                     }
                 }
+                // An egress socket reset in SYN-RECEIVED falls back to LISTEN on its
+                // destination, where it could catch another flow's replayed SYN: abort it.
+                State::Listen => {
+                    debug!(parent: &self.span, "reset during the enclave handshake");
+                    socket.abort();
+                    return Outcome::Reset;
+                }
                 _ if now >= deadline => {
                     socket.abort();
                     return match self.kind {
@@ -146,27 +228,48 @@ impl Conn {
             Poll::Pending => return Outcome::Keep,
             Poll::Ready(Err(e)) => return self.fail(socket, "link->host status", e),
         }
-        if matches!(self.state, ConnState::Open | ConnState::LinkClosed) {
-            if let Err(e) = self.app_to_link(socket, &mut cx) {
-                return self.fail(socket, "app->link", e);
-            }
+        if let Err(e) = self.app_to_link(socket, &mut cx, scratch) {
+            return self.fail(socket, "app->link", e);
         }
-        if matches!(self.state, ConnState::Open | ConnState::AppClosed) {
-            if let Err(e) = self.link_to_app(socket, &mut cx) {
-                return self.fail(socket, "link->app", e);
-            }
+        match self.link_to_app(socket, &mut cx, scratch) {
+            Ok(None) => {}
+            Ok(Some(outcome)) => return outcome,
+            Err(e) => return self.fail(socket, "link->app", e),
         }
-        match socket.state() {
-            State::Closed | State::TimeWait if self.state == ConnState::Closing => Outcome::Done,
-            // A graceful close (LAST-ACK -> CLOSED) can leave data in the receive buffer that the
-            // link has not taken yet: keep draining it.
-            State::Closed if self.app_fin => Outcome::Keep,
-            State::Closed => {
-                debug!(parent: &self.span, state = ?self.state, unread = socket.recv_queue(), unsent = socket.send_queue(), "reset by the enclave side");
-                Outcome::Reset
-            }
-            _ => Outcome::Keep,
+        self.settle(socket, &mut cx, now)
+    }
+
+    /// Decides whether the connection is over, once both directions have moved what they can.
+    fn settle(&mut self, socket: &mut tcp::Socket, cx: &mut Context<'_>, now: Instant) -> Outcome {
+        if !matches!(socket.state(), State::Closed | State::TimeWait) {
+            return Outcome::Keep;
         }
+        if self.fin_sent && self.link_fin {
+            return Outcome::Done;
+        }
+        // The socket closed before both directions finished: the app reset it (or smoltcp gave
+        // up on it). What it received before still goes to the link, then a RST.
+        let delivered =
+            socket.recv_queue() == 0 && !self.out.busy() && (self.fin_sent || !self.app_fin);
+        if delivered {
+            debug!(parent: &self.span, state = ?self.state, unsent = socket.send_queue(), "reset by the enclave side");
+            // One try: if the link cannot take four bytes now, closing it says the same.
+            let _ = Pin::new(&mut self.link).poll_write(cx, &frame::RST);
+            return Outcome::Reset;
+        }
+        let deadline = match self.state {
+            ConnState::Draining { deadline } => deadline,
+            _ => {
+                let deadline = now + DRAIN_LIMIT;
+                self.state = ConnState::Draining { deadline };
+                deadline
+            }
+        };
+        if now >= deadline {
+            debug!(parent: &self.span, unread = socket.recv_queue(), "link did not take the rest in time");
+            return Outcome::Reset;
+        }
+        Outcome::Keep
     }
 
     fn note_app_fin(&mut self, socket: &tcp::Socket) {
@@ -199,85 +302,196 @@ impl Conn {
         Poll::Ready(Ok(()))
     }
 
-    /// Drains the socket's receive buffer into the link; on the app's FIN, shuts the link down
-    /// for writing.
-    fn app_to_link(&mut self, socket: &mut tcp::Socket, cx: &mut Context<'_>) -> io::Result<()> {
-        let link = &mut self.link;
-        while socket.can_recv() {
-            let written = socket.recv(|buf| match Pin::new(&mut *link).poll_write(cx, buf) {
-                Poll::Ready(Ok(n)) => (n, Ok(n)),
-                Poll::Ready(Err(e)) => (0, Err(e)),
-                Poll::Pending => (0, Ok(0)),
-            });
-            match written {
-                Ok(Ok(0)) | Err(_) => return Ok(()),
-                Ok(Ok(n)) => self.from_app += n as u64,
-                Ok(Err(e)) => return Err(e),
-            }
-        }
-        if !socket.may_recv() {
-            // Everything the app sent before its FIN has been written; pass the FIN on.
-            match Pin::new(&mut self.link).poll_shutdown(cx) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(r) => {
-                    if let Err(e) = r {
-                        debug!(parent: &self.span, "link shutdown(WR) failed: {e}");
-                    }
+    /// Frames the socket's received bytes onto the link; after the app's FIN and everything
+    /// before it, a FIN frame.
+    fn app_to_link(
+        &mut self,
+        socket: &mut tcp::Socket,
+        cx: &mut Context<'_>,
+        scratch: &mut [u8],
+    ) -> io::Result<()> {
+        loop {
+            if self.out.busy() {
+                let header = &self.out.header[self.out.header_at..];
+                let h = header.len();
+                scratch[..h].copy_from_slice(header);
+                // The payload stays in the ring until the link takes it: a copy, not a dequeue.
+                let d = socket
+                    .peek_slice(&mut scratch[h..h + self.out.data_left])
+                    .unwrap_or(0);
+                if d < self.out.data_left {
+                    // Bytes counted into the frame are gone from the ring: the socket was reset
+                    // under us. The frame cannot be finished; closing the link cuts it.
+                    return Err(eof("receive buffer emptied inside a frame"));
+                }
+                let n = match Pin::new(&mut self.link).poll_write(cx, &scratch[..h + d]) {
+                    Poll::Pending => return Ok(()),
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => n,
+                };
+                let from_header = n.min(h);
+                self.out.header_at += from_header;
+                let payload = n - from_header;
+                discard(socket, payload);
+                self.out.data_left -= payload;
+                self.from_app += payload as u64;
+                if !self.out.busy() && self.out.fin {
+                    self.fin_sent = true;
                     debug!(parent: &self.span, bytes = self.from_app, "app->link finished");
                     self.state = match self.state {
                         ConnState::LinkClosed => ConnState::Closing,
-                        _ => ConnState::AppClosed,
+                        ConnState::Open => ConnState::AppClosed,
+                        other => other,
                     };
                 }
+                continue;
             }
+            if self.fin_sent {
+                return Ok(());
+            }
+            let queued = socket.recv_queue();
+            if queued > 0 {
+                let len = queued.min(MAX_DATA);
+                self.out = Outgoing {
+                    header: frame::data_header(len),
+                    header_at: 0,
+                    data_left: len,
+                    fin: false,
+                };
+                continue;
+            }
+            if self.app_fin {
+                self.out = Outgoing {
+                    header: frame::FIN,
+                    header_at: 0,
+                    data_left: 0,
+                    fin: true,
+                };
+                continue;
+            }
+            return Ok(());
         }
-        Ok(())
     }
 
-    /// Fills the socket's send buffer from the link; on the link's EOF, queues a FIN to the app.
-    fn link_to_app(&mut self, socket: &mut tcp::Socket, cx: &mut Context<'_>) -> io::Result<()> {
-        let link = &mut self.link;
-        while socket.can_send() {
-            let read = socket.send(|buf| {
-                let mut rb = ReadBuf::new(buf);
-                match Pin::new(&mut *link).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        (n, Ok(Some(n)))
-                    }
-                    Poll::Ready(Err(e)) => (0, Err(e)),
-                    Poll::Pending => (0, Ok(None)),
-                }
-            });
-            match read {
-                Ok(Ok(Some(0))) => {
-                    // EOF from the link: FIN after everything queued. Closing may take the
-                    // socket from CLOSE-WAIT past LAST-ACK to CLOSED before the next look, so
-                    // note the app's FIN first.
-                    self.note_app_fin(socket);
-                    socket.close();
-                    debug!(parent: &self.span, bytes = self.to_app, "link->app finished");
-                    self.state = match self.state {
-                        ConnState::AppClosed => ConnState::Closing,
-                        _ => ConnState::LinkClosed,
-                    };
-                    return Ok(());
-                }
-                Ok(Ok(Some(n))) => self.to_app += n as u64,
-                Ok(Ok(None)) | Err(_) => return Ok(()),
-                Ok(Err(e)) => return Err(e),
+    /// Reads frames from the link as far as the socket has room, queueing their payload on the
+    /// socket. Returns an outcome when the link ended the connection.
+    fn link_to_app(
+        &mut self,
+        socket: &mut tcp::Socket,
+        cx: &mut Context<'_>,
+        scratch: &mut [u8],
+    ) -> io::Result<Option<Outcome>> {
+        loop {
+            let room = if self.link_fin || !socket.may_send() {
+                0
+            } else {
+                socket.send_capacity() - socket.send_queue()
+            };
+            // After the link's FIN this still reads frame headers: only to see a RST, or the
+            // link ending early.
+            let limit = (room + self.incoming.header_left()).min(scratch.len());
+            if limit == 0 {
+                // Mid-frame with a full socket: its send waker brings us back.
+                return Ok(None);
             }
+            let mut rb = ReadBuf::new(&mut scratch[..limit]);
+            match Pin::new(&mut self.link).poll_read(cx, &mut rb) {
+                Poll::Pending => return Ok(None),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                if self.link_fin && self.fin_sent {
+                    return Ok(None);
+                }
+                return Err(eof(if self.incoming.mid_frame() {
+                    "link ended inside a frame"
+                } else {
+                    "link ended without FIN"
+                }));
+            }
+            let mut at = 0;
+            while at < n {
+                let (used, chunk) = self
+                    .incoming
+                    .decode(&scratch[at..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                match chunk {
+                    Some(Chunk::Data(k)) => {
+                        let payload = &scratch[at + used - k..at + used];
+                        // Never short: the read was limited to the room the socket had.
+                        let queued = socket.send_slice(payload).unwrap_or(0);
+                        if queued < k {
+                            return Err(io::Error::other("socket refused payload it had room for"));
+                        }
+                        self.to_app += k as u64;
+                    }
+                    Some(Chunk::Fin) => {
+                        // Closing may take the socket from CLOSE-WAIT past LAST-ACK to CLOSED
+                        // before the next look, so note the app's FIN first.
+                        self.note_app_fin(socket);
+                        socket.close();
+                        self.link_fin = true;
+                        debug!(parent: &self.span, bytes = self.to_app, "link->app finished");
+                        self.state = match self.state {
+                            ConnState::AppClosed => ConnState::Closing,
+                            ConnState::Open => ConnState::LinkClosed,
+                            other => other,
+                        };
+                    }
+                    Some(Chunk::Rst) => {
+                        debug!(parent: &self.span, "reset by the host side");
+                        socket.abort();
+                        return Ok(Some(Outcome::Reset));
+                    }
+                    None => {}
+                }
+                at += used;
+            }
+            debug_assert_eq!(self.incoming.end() == End::Fin, self.link_fin);
         }
-        Ok(())
+    }
+}
+
+/// Dequeues `n` bytes the link has taken from the socket's receive ring (in up to two pieces
+/// when they wrap around its end).
+fn discard(socket: &mut tcp::Socket, mut n: usize) {
+    while n > 0 {
+        match socket.recv(|buf| {
+            let k = buf.len().min(n);
+            (k, k)
+        }) {
+            Ok(0) | Err(_) => return,
+            Ok(k) => n -= k,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    use common::frame::encode_all;
     use smoltcp::iface::{Config, Interface, SocketSet};
     use smoltcp::phy::{Loopback, Medium};
     use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A waker that only records that it was woken: the rig pumps the connection only then, as
+    /// the stack does, so a connection that is never woken again shows up as one that never ends.
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
 
     /// One smoltcp interface over an in-memory loopback: the "app" socket listens, and the
     /// connection's socket connects to it, as ingress does; a Unix socket pair is the link.
@@ -288,7 +502,11 @@ mod tests {
         app: smoltcp::iface::SocketHandle,
         ours: smoltcp::iface::SocketHandle,
         conn: Conn,
+        woken: Arc<Flag>,
         host: tokio::net::UnixStream,
+        /// Decodes what the host side reads.
+        from_link: Deframer,
+        scratch: Vec<u8>,
         clock_ms: i64,
         /// The first outcome other than `Keep`: the stack drops the connection there.
         ended: Option<Outcome>,
@@ -313,6 +531,7 @@ mod tests {
                 .connect(iface.context(), remote, local)
                 .unwrap();
             let (link, host) = tokio::net::UnixStream::pair().unwrap();
+            let woken = Arc::new(Flag(AtomicBool::new(true)));
             let conn = Conn::new(
                 Stream::Unix(link),
                 FlowKey {
@@ -321,7 +540,7 @@ mod tests {
                 },
                 Kind::TcpIngress,
                 Instant::now() + std::time::Duration::from_secs(5),
-                futures::task::noop_waker(),
+                Waker::from(woken.clone()),
                 Span::none(),
             );
             Rig {
@@ -331,89 +550,137 @@ mod tests {
                 app,
                 ours,
                 conn,
+                woken,
                 host,
+                from_link: Deframer::new(),
+                scratch: vec![0u8; SCRATCH_LEN],
                 clock_ms: 0,
                 ended: None,
             }
         }
 
-        /// Polls the stack and pumps the connection a few times, as the stack would: never again
-        /// after it has ended.
+        /// A rig whose connection is open and whose `ok` status the host has read.
+        async fn open() -> Rig {
+            let mut rig = Rig::new();
+            assert_eq!(rig.turn().await, Outcome::Keep);
+            assert_eq!(rig.conn.state, ConnState::Open);
+            let mut status = [0u8; STATUS_LEN];
+            rig.host.read_exact(&mut status).await.unwrap();
+            assert_eq!(status, Status::Ok.encode(), "ok comes before any payload");
+            rig
+        }
+
+        /// Polls the stack and services the connection a few times, as the stack would: only
+        /// when its waker fired, and never again after it has ended (the stack aborts the
+        /// socket then, which these polls still carry to the app).
         async fn turn(&mut self) -> Outcome {
-            if let Some(ended) = self.ended {
-                return ended;
-            }
-            let mut outcome = Outcome::Keep;
+            let mut outcome = self.ended.unwrap_or(Outcome::Keep);
             for _ in 0..8 {
                 // smoltcp's clock moves past its delayed-ACK timer on every turn.
                 self.clock_ms += 20;
                 let now = smoltcp::time::Instant::from_millis(self.clock_ms);
                 self.iface.poll(now, &mut self.device, &mut self.sockets);
-                let socket = self.sockets.get_mut::<tcp::Socket>(self.ours);
-                outcome = self.conn.pump(socket, Instant::now());
-                if outcome != Outcome::Keep {
-                    self.ended = Some(outcome);
-                    break;
+                if self.ended.is_none() && self.woken.0.swap(false, Ordering::SeqCst) {
+                    let socket = self.sockets.get_mut::<tcp::Socket>(self.ours);
+                    outcome = self.conn.pump(socket, Instant::now(), &mut self.scratch);
+                    if outcome == Outcome::Keep {
+                        socket.register_recv_waker(&self.conn.waker);
+                        socket.register_send_waker(&self.conn.waker);
+                    } else {
+                        self.ended = Some(outcome);
+                    }
                 }
                 tokio::task::yield_now().await;
             }
             outcome
         }
 
+        /// Turns until the connection ends; panics if it is still there after many turns.
+        async fn end(&mut self) -> Outcome {
+            for _ in 0..20 {
+                let o = self.turn().await;
+                if o != Outcome::Keep {
+                    // A few more polls carry the socket's last segments to the app.
+                    self.turn().await;
+                    return o;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            panic!("connection never ended: {:?}", self.conn.state);
+        }
+
         fn app(&mut self) -> &mut tcp::Socket<'static> {
             self.sockets.get_mut::<tcp::Socket>(self.app)
         }
 
-        async fn host_read(&mut self) -> Vec<u8> {
-            use tokio::io::AsyncReadExt;
-            let mut buf = vec![0u8; 1024];
-            let n =
-                tokio::time::timeout(std::time::Duration::from_secs(1), self.host.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-            buf.truncate(n);
-            buf
+        /// Reads what the host has been sent so far: payload, and how the direction ended.
+        async fn host_frames(&mut self) -> (Vec<u8>, End) {
+            let mut payload = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let read = tokio::time::timeout(
+                    std::time::Duration::from_millis(100),
+                    self.host.read(&mut buf),
+                );
+                let n = match read.await {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(_)) | Err(_) => break,
+                };
+                if n == 0 {
+                    break;
+                }
+                let mut at = 0;
+                while at < n {
+                    let (used, chunk) = self.from_link.decode(&buf[at..n]).unwrap();
+                    if let Some(Chunk::Data(k)) = chunk {
+                        payload.extend_from_slice(&buf[at + used - k..at + used]);
+                    }
+                    at += used;
+                }
+                if self.from_link.end() != End::Open {
+                    break;
+                }
+            }
+            (payload, self.from_link.end())
+        }
+
+        async fn host_send(&mut self, payload: &[u8], end: Option<Chunk>) {
+            self.host
+                .write_all(&encode_all(payload, end))
+                .await
+                .unwrap();
+        }
+
+        /// Whether the app saw its connection reset rather than closed. In these tests the app
+        /// never closes after the link's FIN, so a graceful end leaves it in CLOSE-WAIT,
+        /// FIN-WAIT-2 or TIME-WAIT; only a RST takes it to CLOSED (or back to LISTEN).
+        fn app_was_reset(&mut self) -> bool {
+            matches!(self.app().state(), State::Closed | State::Listen)
         }
     }
 
     #[tokio::test]
     async fn ingress_status_bytes_both_ways_and_half_close_each_way() {
-        use tokio::io::AsyncWriteExt;
-        let mut rig = Rig::new();
-        assert_eq!(rig.turn().await, Outcome::Keep);
-        assert_eq!(rig.conn.state, ConnState::Open);
-        // The ok status reaches the host before any payload.
-        assert_eq!(rig.host_read().await, Status::Ok.encode());
-
-        rig.host.write_all(b"request").await.unwrap();
+        let mut rig = Rig::open().await;
+        rig.host_send(b"request", None).await;
         rig.turn().await;
         let mut got = [0u8; 32];
         let n = rig.app().recv_slice(&mut got).unwrap();
         assert_eq!(&got[..n], b"request");
 
-        // The app answers and closes its side: the answer, then EOF, reach the host.
+        // The app answers and closes its side: the answer, then FIN, reach the host.
         rig.app().send_slice(b"answer").unwrap();
         rig.app().close();
         rig.turn().await;
-        assert_eq!(rig.host_read().await, b"answer");
-        assert_eq!(rig.host_read().await, b"", "app FIN becomes the link's EOF");
+        assert_eq!(rig.host_frames().await, (b"answer".to_vec(), End::Fin));
         assert_eq!(rig.conn.state, ConnState::AppClosed);
 
-        // The host can still send after the app's FIN; then its EOF closes the connection.
-        rig.host.write_all(b"late").await.unwrap();
+        // The host can still send after the app's FIN; then its FIN closes the connection.
+        rig.host_send(b"late", Some(Chunk::Fin)).await;
         rig.turn().await;
         let n = rig.app().recv_slice(&mut got).unwrap();
         assert_eq!(&got[..n], b"late");
-        rig.host.shutdown().await.unwrap();
-        let mut outcome = Outcome::Keep;
-        for _ in 0..4 {
-            outcome = rig.turn().await;
-            if outcome != Outcome::Keep {
-                break;
-            }
-        }
-        assert_eq!(outcome, Outcome::Done);
+        assert_eq!(rig.end().await, Outcome::Done);
         assert_eq!((rig.conn.to_app, rig.conn.from_app), (11, 6));
     }
 
@@ -422,22 +689,12 @@ mod tests {
         let mut rig = Rig::new();
         // Nothing listens: the app socket is closed before the SYN arrives.
         rig.app().abort();
-        let mut outcome = Outcome::Keep;
-        for _ in 0..4 {
-            outcome = rig.turn().await;
-            if outcome != Outcome::Keep {
-                break;
-            }
-        }
-        assert_eq!(outcome, Outcome::Refuse(Status::Refused));
+        assert_eq!(rig.end().await, Outcome::Refuse(Status::Refused));
     }
 
     #[tokio::test]
     async fn data_the_link_has_not_taken_survives_a_graceful_close() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut rig = Rig::new();
-        rig.turn().await;
-        assert_eq!(rig.host_read().await, Status::Ok.encode());
+        let mut rig = Rig::open().await;
         // The host does not read, so the link fills and the app's bytes wait in our socket.
         let chunk = vec![0x42u8; 16 * 1024];
         let mut sent = 0;
@@ -466,37 +723,138 @@ mod tests {
         // bytes are still waiting for the link.
         rig.app().close();
         rig.turn().await;
-        rig.host.shutdown().await.unwrap();
+        rig.host_send(b"", Some(Chunk::Fin)).await;
         for _ in 0..4 {
             rig.turn().await;
         }
-        // Now the host reads: every byte arrives, then EOF, and the connection ends cleanly.
+        // Now the host reads: every byte arrives, then FIN, and the connection ends cleanly.
         let mut received = 0;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut outcome = Outcome::Keep;
         loop {
-            match tokio::time::timeout(
-                std::time::Duration::from_millis(200),
-                rig.host.read(&mut buf),
-            )
-            .await
-            {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => received += n,
-                Ok(Err(e)) => panic!("link read failed: {e}"),
-                // Ended without EOF: the stack would drop the link here, so nothing more comes.
-                Err(_) if rig.ended.is_some() => break,
-                Err(_) => {}
+            let (payload, end) = rig.host_frames().await;
+            received += payload.len();
+            if end != End::Open {
+                assert_eq!(end, End::Fin);
+                break;
             }
-            let o = rig.turn().await;
-            if o != Outcome::Keep {
-                outcome = o;
-            }
+            rig.turn().await;
         }
         assert_eq!(received, sent);
-        if outcome == Outcome::Keep {
-            outcome = rig.turn().await;
+        assert_eq!(rig.end().await, Outcome::Done);
+    }
+
+    // Every close order ends the connection (the stack then drops it), and a reset on one side
+    // is a reset on the other.
+
+    #[tokio::test]
+    async fn link_fin_first_then_app_fin() {
+        let mut rig = Rig::open().await;
+        rig.host_send(b"bye", Some(Chunk::Fin)).await;
+        rig.turn().await;
+        assert_eq!(rig.conn.state, ConnState::LinkClosed);
+        let mut got = [0u8; 8];
+        assert_eq!(rig.app().recv_slice(&mut got), Ok(3));
+        rig.app().send_slice(b"ok").unwrap();
+        rig.app().close();
+        assert_eq!(rig.end().await, Outcome::Done);
+        assert_eq!(rig.host_frames().await, (b"ok".to_vec(), End::Fin));
+    }
+
+    #[tokio::test]
+    async fn app_reset_reaches_the_host_as_rst_after_its_data() {
+        let mut rig = Rig::open().await;
+        rig.app().send_slice(b"partial").unwrap();
+        rig.turn().await;
+        rig.app().abort();
+        assert_eq!(rig.end().await, Outcome::Reset);
+        assert_eq!(rig.host_frames().await, (b"partial".to_vec(), End::Rst));
+    }
+
+    /// The leak of the issue: the app sends FIN and then RST while the link is still open.
+    #[tokio::test]
+    async fn app_fin_then_rst_while_the_link_is_open() {
+        let mut rig = Rig::open().await;
+        rig.app().send_slice(b"last words").unwrap();
+        rig.app().close();
+        rig.turn().await;
+        assert_eq!(rig.conn.state, ConnState::AppClosed);
+        // The host keeps sending; the app resets instead of reading.
+        rig.host_send(&[7u8; 1000], None).await;
+        rig.turn().await;
+        rig.app().abort();
+        assert_eq!(rig.end().await, Outcome::Reset);
+        assert_eq!(rig.host_frames().await, (b"last words".to_vec(), End::Rst));
+    }
+
+    #[tokio::test]
+    async fn host_rst_resets_the_app() {
+        let mut rig = Rig::open().await;
+        rig.host_send(b"some", Some(Chunk::Rst)).await;
+        assert_eq!(rig.end().await, Outcome::Reset);
+        assert!(rig.app_was_reset());
+    }
+
+    #[tokio::test]
+    async fn host_rst_after_its_fin_resets_the_app() {
+        let mut rig = Rig::open().await;
+        rig.host_send(b"x", Some(Chunk::Fin)).await;
+        rig.turn().await;
+        assert_eq!(rig.conn.state, ConnState::LinkClosed);
+        rig.host.write_all(&frame::RST).await.unwrap();
+        assert_eq!(rig.end().await, Outcome::Reset);
+        assert!(rig.app_was_reset());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_resets_the_app() {
+        let mut rig = Rig::open().await;
+        rig.host.write_all(&[1, 0, 0, 0]).await.unwrap();
+        assert_eq!(rig.end().await, Outcome::Reset);
+        assert!(rig.app_was_reset());
+    }
+
+    /// host-proxy dying (the link ends without FIN) resets the app in every state, even
+    /// mid-frame, and after either side's FIN.
+    #[tokio::test]
+    async fn link_death_in_every_state_resets_the_app() {
+        #[derive(Debug, Clone, Copy)]
+        enum Before {
+            Connecting,
+            Open,
+            MidFrame,
+            AppFin,
+            LinkFin,
         }
-        assert_eq!(outcome, Outcome::Done);
+        for before in [
+            Before::Connecting,
+            Before::Open,
+            Before::MidFrame,
+            Before::AppFin,
+            Before::LinkFin,
+        ] {
+            let mut rig = if matches!(before, Before::Connecting) {
+                Rig::new()
+            } else {
+                Rig::open().await
+            };
+            match before {
+                Before::Connecting | Before::Open => {}
+                Before::MidFrame => rig.host.write_all(&[1, 0, 0, 9, b'a']).await.unwrap(),
+                Before::AppFin => {
+                    rig.app().close();
+                    rig.turn().await;
+                    assert_eq!(rig.conn.state, ConnState::AppClosed);
+                }
+                Before::LinkFin => {
+                    rig.host_send(b"", Some(Chunk::Fin)).await;
+                    rig.turn().await;
+                    assert_eq!(rig.conn.state, ConnState::LinkClosed);
+                }
+            }
+            // host-proxy is killed: its end of the link closes without a FIN.
+            let (_, dead) = tokio::net::UnixStream::pair().unwrap();
+            drop(std::mem::replace(&mut rig.host, dead));
+            assert_eq!(rig.end().await, Outcome::Reset, "{before:?}");
+            assert!(rig.app_was_reset(), "{before:?}: app saw a clean close");
+        }
     }
 }

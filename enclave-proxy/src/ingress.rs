@@ -2,7 +2,13 @@
 //! handed to the stack task.
 //!
 //! The host is untrusted: a stream with a malformed, truncated or slow header, the wrong kind, or
-//! a port outside `--expose` is answered and closed here, and never reaches the stack.
+//! a port outside `--expose` is answered and closed here, and never reaches the stack. Nor is the
+//! header's client address taken on trust: before the stream goes to the stack, the enclave
+//! kernel is asked whether it routes that address back out of the TAP ([`Routes::check`]); if
+//! not, the stack sources the connection from the gateway. A host can still make a server see any
+//! address that is routed out of the TAP, so a server must not use it for authorisation.
+//!
+//! Everything logged here can be triggered per stream by the host, so it logs at debug.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +19,9 @@ use common::ports::PortSet;
 use common::transport::{Listener, Stream};
 use common::wire::{Kind, Status};
 use tokio::sync::mpsc;
-use tracing::{debug, info_span, warn, Instrument, Span};
+use tracing::{debug, info_span, Instrument, Span};
 
+use crate::netlink::Routes;
 use crate::stack::Event;
 
 /// Accepts ingress streams until cancelled.
@@ -22,6 +29,7 @@ pub async fn serve(
     listener: Listener,
     expose: Option<PortSet>,
     handshake_timeout: Duration,
+    routes: Arc<Routes>,
     events: mpsc::Sender<Event>,
     counters: Arc<Counters>,
 ) {
@@ -32,7 +40,7 @@ pub async fn serve(
     common::serve::accept_loop(listener, "ingress", |link, peer, id| {
         let span = info_span!("ingress", conn.id = id, link.peer = %peer);
         let Ok(permit) = admitting.clone().try_acquire_owned() else {
-            warn!(parent: &span, "too many ingress streams being set up; closing this one");
+            debug!(parent: &span, "too many ingress streams being set up; closing this one");
             counters.failure(Status::Unreachable);
             return;
         };
@@ -40,6 +48,7 @@ pub async fn serve(
             link,
             expose.clone(),
             handshake_timeout,
+            routes.clone(),
             events.clone(),
             counters.clone(),
         );
@@ -61,13 +70,14 @@ async fn admit(
     mut link: Stream,
     expose: Arc<Option<PortSet>>,
     limit: Duration,
+    routes: Arc<Routes>,
     events: mpsc::Sender<Event>,
     counters: Arc<Counters>,
 ) {
     let header = match read_header(&mut link, limit).await {
         Ok(h) => h,
         Err(e) => {
-            warn!("dropping ingress stream: {e}");
+            debug!("dropping ingress stream: {e}");
             counters.failure(Status::BadRequest);
             let _ = write_status(&mut link, Status::BadRequest).await;
             return;
@@ -76,7 +86,7 @@ async fn admit(
     let span = Span::current();
     span.record("tcp.peer", tracing::field::display(header.src));
     if header.kind != Kind::TcpIngress {
-        warn!(kind = ?header.kind, "dropping stream: not an ingress request");
+        debug!(kind = ?header.kind, "dropping stream: not an ingress request");
         counters.failure(Status::BadRequest);
         let _ = write_status(&mut link, Status::BadRequest).await;
         return;
@@ -87,14 +97,28 @@ async fn admit(
         .as_ref()
         .is_some_and(|set| !set.contains(port))
     {
-        warn!(client = %header.src, port, "denied: port is not in --expose");
+        debug!(client = %header.src, port, "denied: port is not in --expose");
         counters.failure(Status::Denied);
         let _ = write_status(&mut link, Status::Denied).await;
         return;
     }
-    debug!(client = %header.src, port, "ingress stream accepted");
+    // Here, not on the stack task: the lookup is a round trip to the kernel.
+    let route = routes.check(header.src.ip()).await;
+    let routed = route.is_tap();
+    if routed {
+        debug!(client = %header.src, port, "ingress stream accepted");
+    } else {
+        debug!(client = %header.src, port, ?route, "ingress stream accepted; the client is not routed out of the TAP, so it will come from the gateway");
+    }
     let span = info_span!("tcp", tcp.peer = %header.src, enclave.port = port);
-    let _ = events.send(Event::Ingress { header, link, span }).await;
+    let _ = events
+        .send(Event::Ingress {
+            header,
+            link,
+            span,
+            routed,
+        })
+        .await;
 }
 
 /// Answers an ingress stream with a failure status and closes it, off the stack task.

@@ -77,6 +77,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         mtu: config.mtu,
     })
     .await?;
+    // One rtnetlink connection for the daemon's life: ingress asks it where each client routes.
+    let routes = Arc::new(netlink::Routes::open(&config.tap, config.address).await?);
 
     let listener = config
         .listen
@@ -93,13 +95,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         host: config.host.clone(),
         connect_timeout: config.connect_timeout,
         buffer: config.tcp_buffer_kib as usize * 1024,
-        max_connections: config.max_connections,
+        max_ingress: config.max_ingress,
+        max_egress: config.max_egress,
+        max_pending_per_destination: config.max_pending_per_destination,
     };
     let (stack, events) = stack::Stack::new(tap, settings, counters.clone());
     let accept = tokio::spawn(ingress::serve(
         listener,
         config.expose.clone(),
         config.handshake_timeout,
+        routes,
         events,
         counters.clone(),
     ));
@@ -112,8 +117,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         listen = %config.listen,
         "enclave-proxy ready"
     );
+    let usr1 = {
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            common::metrics::log_on_sigusr1(&counters, "enclave-proxy").await;
+        })
+    };
     stack.run(common::telemetry::shutdown_signal()).await;
     accept.abort();
+    usr1.abort();
     counters.log("enclave-proxy");
     Ok(())
 }

@@ -17,9 +17,13 @@
 //! from `C:p` to the enclave's own TAP address at `P`. smoltcp runs in any-IP mode with a default
 //! route through its own address, so it sends that SYN from a foreign address and accepts the
 //! kernel's replies to it. To the enclave kernel it is an ordinary connection arriving on tap0:
-//! Docker's DNAT applies and the server sees `C` as its peer. Clients that cannot be a source on
-//! the TAP (loopback, the TAP subnet itself, IPv6 while the TAP is IPv4-only) are sourced from the
-//! gateway address with a port of the stack's own choosing.
+//! Docker's DNAT applies and the server sees `C` as its peer. `C` is only the host's assertion,
+//! so it is used only if the enclave kernel routes it back out of the TAP, which the ingress task
+//! asks before the stream gets here ([`crate::netlink::Routes::check`]); any other client
+//! (loopback, an address of an enclave interface, a subnet routed elsewhere such as a Docker
+//! bridge, the TAP subnet itself, IPv6 while the TAP is IPv4-only) is sourced from the gateway
+//! address with a port of the stack's own choosing. Either way the client IP a server sees comes
+//! from the untrusted host and must not be used for authorisation.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -69,6 +73,9 @@ pub enum Event {
         link: Stream,
         /// The connection's span.
         span: Span,
+        /// Whether the enclave kernel routes the header's client address back out of the TAP,
+        /// so that it can be the connection's source; if not, the gateway is.
+        routed: bool,
     },
 }
 
@@ -85,8 +92,13 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Per-socket buffer, each direction, in bytes.
     pub buffer: usize,
-    /// The most connections at once.
-    pub max_connections: usize,
+    /// The most ingress connections at once.
+    pub max_ingress: usize,
+    /// The most egress connections at once, those still waiting on host-proxy included.
+    pub max_egress: usize,
+    /// The most egress connections waiting on host-proxy for one destination: a slow or
+    /// black-holed destination delays only its own connections.
+    pub max_pending_per_destination: usize,
 }
 
 /// Socket handles whose connections want servicing, and the wake-up for the stack task.
@@ -137,6 +149,14 @@ pub struct Stack {
     epoch: Instant,
     next_port: u16,
     counters: Arc<Counters>,
+    /// Egress connections waiting on host-proxy, per destination; entries go at zero.
+    pending: HashMap<IpEndpoint, usize>,
+    pending_total: usize,
+    /// Live connections by direction (mirrored in the counters' gauges).
+    ingress_live: usize,
+    egress_live: usize,
+    /// Lent to each connection while it is pumped (see [`crate::conn`]).
+    scratch: Box<[u8]>,
 }
 
 impl Stack {
@@ -174,6 +194,11 @@ impl Stack {
             epoch,
             next_port: *GATEWAY_PORTS.start(),
             counters,
+            pending: HashMap::new(),
+            pending_total: 0,
+            ingress_live: 0,
+            egress_live: 0,
+            scratch: vec![0u8; crate::conn::SCRATCH_LEN].into_boxed_slice(),
         };
         (stack, events_tx)
     }
@@ -271,7 +296,12 @@ impl Stack {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::Egress { held, result, span } => self.finish_egress(held, result, span),
-            Event::Ingress { header, link, span } => self.start_ingress(header, link, span),
+            Event::Ingress {
+                header,
+                link,
+                span,
+                routed,
+            } => self.start_ingress(header, link, span, routed),
         }
     }
 
@@ -282,11 +312,25 @@ impl Stack {
             tcp.src = %SocketAddr::from(held.key.local),
             tcp.dst = %SocketAddr::from(held.key.remote),
         );
-        if self.conns.len() >= self.settings.max_connections {
-            warn!(parent: &span, "connection cap reached, failing egress connect");
-            self.finish_egress(held, Err(Status::Unreachable), span);
+        let dst = held.key.remote;
+        let waiting = self.pending.get(&dst).copied().unwrap_or(0);
+        let why = if self.egress_live + self.pending_total >= self.settings.max_egress {
+            Some("egress connection cap reached")
+        } else if waiting >= self.settings.max_pending_per_destination {
+            Some("too many connections waiting on this destination")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            // Fail the application's connect() at once rather than drop its SYN.
+            debug!(parent: &span, "{why}; failing the connect");
+            Counters::bump(&self.counters.capped);
+            self.tap.forget(&held.key);
+            self.fail_syn(held.frame, Status::Unreachable);
             return;
         }
+        *self.pending.entry(dst).or_insert(0) += 1;
+        self.pending_total += 1;
         let header = Header {
             kind: Kind::TcpEgress,
             src: held.key.local.into(),
@@ -308,6 +352,13 @@ impl Stack {
     /// Completes the handshake with the app if host-proxy connected, or makes its connect fail.
     fn finish_egress(&mut self, held: HeldSyn, result: Result<Stream, Status>, span: Span) {
         let key = held.key;
+        if let Some(waiting) = self.pending.get_mut(&key.remote) {
+            *waiting -= 1;
+            if *waiting == 0 {
+                self.pending.remove(&key.remote);
+            }
+        }
+        self.pending_total = self.pending_total.saturating_sub(1);
         let link = match result {
             Ok(link) => link,
             Err(status) => {
@@ -363,18 +414,19 @@ impl Stack {
         }
     }
 
-    fn start_ingress(&mut self, header: Header, link: Stream, span: Span) {
+    fn start_ingress(&mut self, header: Header, link: Stream, span: Span, routed: bool) {
         let (tap_addr, _) = self.settings.address;
         let remote = IpEndpoint::new(IpAddress::Ipv4(tap_addr), header.dst.port());
         let refuse = |link: Stream, status: Status, counters: &Counters| {
             counters.failure(status);
             crate::ingress::refuse(link, status, span.clone());
         };
-        if self.conns.len() >= self.settings.max_connections {
-            warn!(parent: &span, "connection cap reached, refusing ingress");
+        if self.ingress_live >= self.settings.max_ingress {
+            debug!(parent: &span, "ingress connection cap reached, refusing");
+            Counters::bump(&self.counters.capped);
             return refuse(link, Status::Unreachable, &self.counters);
         }
-        let Some(source) = self.ingress_source(header.src, remote) else {
+        let Some(source) = self.ingress_source(header.src, routed, remote) else {
             warn!(parent: &span, "no free source port for a gateway-sourced connection");
             return refuse(link, Status::Unreachable, &self.counters);
         };
@@ -400,18 +452,17 @@ impl Stack {
         self.add_conn(handle, link, key, Kind::TcpIngress, span);
     }
 
-    /// The source for an ingress connection: the real client if it can be one on the TAP.
-    fn ingress_source(&mut self, client: SocketAddr, remote: IpEndpoint) -> Option<IpEndpoint> {
-        let (tap_addr, prefix) = self.settings.address;
-        if let Some(ip) = ipv4_of(client.ip()) {
-            let usable = !(ip.is_loopback()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                || ip.is_multicast()
-                || crate::config::on_subnet(ip, tap_addr, prefix));
-            if usable {
-                return Some(IpEndpoint::new(IpAddress::Ipv4(ip), client.port()));
-            }
+    /// The source for an ingress connection: the real client if the enclave kernel routes it
+    /// back out of the TAP (`routed`, decided off this task by [`crate::netlink::Routes::check`]),
+    /// otherwise the gateway with a free port.
+    fn ingress_source(
+        &mut self,
+        client: SocketAddr,
+        routed: bool,
+        remote: IpEndpoint,
+    ) -> Option<IpEndpoint> {
+        if let Some(ip) = ipv4_of(client.ip()).filter(|_| routed) {
+            return Some(IpEndpoint::new(IpAddress::Ipv4(ip), client.port()));
         }
         let gateway = IpAddress::Ipv4(self.settings.gateway);
         let span = u32::from(GATEWAY_PORTS.end() - GATEWAY_PORTS.start()) + 1;
@@ -453,6 +504,7 @@ impl Stack {
         let deadline = Instant::now() + self.settings.connect_timeout;
         let conn = Conn::new(link, key, kind, deadline, Waker::from(waker.clone()), span);
         self.conns.insert(handle, Entry { conn, waker });
+        self.count_live(kind, true);
         self.service(handle);
     }
 
@@ -463,7 +515,7 @@ impl Stack {
         entry.waker.queued.store(false, Ordering::Release);
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         let was_connecting = matches!(entry.conn.state, ConnState::Connecting { .. });
-        let outcome = entry.conn.pump(socket, Instant::now());
+        let outcome = entry.conn.pump(socket, Instant::now(), &mut self.scratch);
         if was_connecting
             && entry.conn.kind == Kind::TcpIngress
             && !matches!(entry.conn.state, ConnState::Connecting { .. })
@@ -478,6 +530,7 @@ impl Stack {
         let Some(Entry { conn, .. }) = self.conns.remove(&handle) else {
             return;
         };
+        self.count_live(conn.kind, false);
         let span = conn.span.clone();
         match outcome {
             Outcome::Done => {
@@ -516,16 +569,33 @@ impl Stack {
         }
     }
 
-    /// Services connections still connecting, so that their deadlines are enforced.
+    /// Services connections whose set-up or drain deadline has passed, so that it is enforced
+    /// even if nothing else wakes them.
     fn check_deadlines(&mut self) {
-        let connecting: Vec<SocketHandle> = self
+        let now = Instant::now();
+        let due: Vec<SocketHandle> = self
             .conns
             .iter()
-            .filter(|(_, e)| matches!(e.conn.state, ConnState::Connecting { .. }))
+            .filter(|(_, e)| e.conn.deadline().is_some_and(|d| d <= now))
             .map(|(h, _)| *h)
             .collect();
-        for handle in connecting {
+        for handle in due {
             self.service(handle);
+        }
+    }
+
+    /// Keeps the live-connection counts and their gauges.
+    fn count_live(&mut self, kind: Kind, up: bool) {
+        let (count, gauge) = match kind {
+            Kind::TcpIngress => (&mut self.ingress_live, &self.counters.live_ingress),
+            Kind::TcpEgress => (&mut self.egress_live, &self.counters.live_egress),
+        };
+        if up {
+            *count += 1;
+            gauge.fetch_add(1, Ordering::Relaxed);
+        } else {
+            *count -= 1;
+            gauge.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

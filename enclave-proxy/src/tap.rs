@@ -52,12 +52,9 @@ pub struct Tap {
     pub inject: VecDeque<Vec<u8>>,
     /// Every flow with a pending stream or a socket.
     pub flows: HashMap<FlowKey, FlowState>,
-    /// New SYNs seen since the stack last looked.
+    /// New SYNs seen since the stack last looked (at most one read budget's worth): the stack
+    /// applies its caps to each and fails the ones past them at once, never silently.
     pub held: Vec<HeldSyn>,
-    /// The most flows waiting on host-proxy at once; further new SYNs are dropped (the
-    /// application's kernel retransmits them).
-    pub max_pending: usize,
-    pending: usize,
     /// Frames left in this iteration's read budget.
     pub rx_budget: usize,
     /// The last read found the TAP empty: wait for readiness before reading again.
@@ -80,8 +77,6 @@ impl Tap {
             inject: VecDeque::new(),
             flows: HashMap::new(),
             held: Vec::new(),
-            max_pending: 1024,
-            pending: 0,
             rx_budget: RX_BUDGET,
             rx_blocked: false,
             tx_dropped: 0,
@@ -109,16 +104,12 @@ impl Tap {
 
     /// Marks a held flow as having a socket now.
     pub fn activate(&mut self, key: FlowKey) {
-        if self.flows.insert(key, FlowState::Active) == Some(FlowState::Pending) {
-            self.pending -= 1;
-        }
+        self.flows.insert(key, FlowState::Active);
     }
 
     /// Forgets a flow (its socket is gone, or its set-up failed).
     pub fn forget(&mut self, key: &FlowKey) {
-        if self.flows.remove(key) == Some(FlowState::Pending) {
-            self.pending -= 1;
-        }
+        self.flows.remove(key);
     }
 }
 
@@ -205,10 +196,8 @@ impl Device for Tap {
                 match self.flows.get(&key) {
                     Some(FlowState::Active) => break RxToken::Borrowed(&self.rx[frame]),
                     Some(FlowState::Pending) => continue,
-                    None if self.pending >= self.max_pending => continue,
                     None => {
                         self.flows.insert(key, FlowState::Pending);
-                        self.pending += 1;
                         self.held.push(HeldSyn {
                             key,
                             frame: self.rx[frame].to_vec(),

@@ -26,12 +26,13 @@ pub struct Config {
     #[arg(long = "publish", short = 'p', value_name = "SPEC")]
     pub publish: Vec<Publish>,
 
-    /// Allow egress to `CIDR[:PORTS]`. Repeatable; the most specific rule wins.
+    /// Allow egress to `CIDR[:PORTS]`. Repeatable; the most specific rule wins, and at a tie an
+    /// operator's rule beats a default, so `--allow 169.254.169.254/32:80` re-opens one port.
     #[arg(long = "allow", value_name = "CIDR[:PORTS]", value_parser = parse_allow)]
     pub allow: Vec<Rule>,
 
-    /// Deny egress to `CIDR[:PORTS]`. Repeatable. 169.254.0.0/16 and 127.0.0.0/8 are denied by
-    /// default.
+    /// Deny egress to `CIDR[:PORTS]`. Repeatable. 169.254.0.0/16, loopback, the parent's own
+    /// addresses and the other ways to reach the parent are denied by default.
     #[arg(long = "deny", value_name = "CIDR[:PORTS]", value_parser = parse_deny)]
     pub deny: Vec<Rule>,
 
@@ -43,9 +44,29 @@ pub struct Config {
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = common::cli::parse_secs)]
     pub handshake_timeout: Duration,
 
-    /// The most connections carried at once, ingress and egress together.
-    #[arg(long, default_value = "16384")]
-    pub max_connections: usize,
+    /// Close a connection with a reset once no byte has moved either way for this long.
+    /// Default: never (TCP keep-alive still finds peers that vanished).
+    #[arg(long, value_name = "SECONDS", value_parser = common::cli::parse_secs)]
+    pub idle_timeout: Option<Duration>,
+
+    /// The most ingress connections carried at once; past it a new client is reset.
+    #[arg(long, value_name = "N", default_value = "16384", value_parser = parse_cap)]
+    pub max_ingress: usize,
+
+    /// The most egress connections carried at once; past it the enclave's connect fails.
+    #[arg(long, value_name = "N", default_value = "16384", value_parser = parse_cap)]
+    pub max_egress: usize,
+
+    /// The most ingress connections from one client address at once (IPv6: one /64); past it
+    /// that client is reset. Raise it when clients arrive through a proxy or load balancer that
+    /// hides their addresses.
+    #[arg(long, value_name = "N", default_value = "256", value_parser = parse_cap)]
+    pub max_per_client: usize,
+
+    /// Removed: the one shared cap became `--max-ingress` and `--max-egress`. Kept only to say
+    /// so, rather than let an old unit file fail with a bare "unexpected argument".
+    #[arg(long, value_name = "N", hide = true, value_parser = reject_max_connections)]
+    pub max_connections: Option<usize>,
 
     /// Worker threads. 1 keeps every hop of a connection on one thread, which is fastest when
     /// cores are scarce; 0 means one per core, for parents with many cores and streams.
@@ -57,10 +78,79 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// A cap: a whole number of connections, at least 1.
+fn parse_cap(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a number of connections from 1 up")),
+    }
+}
+
+fn reject_max_connections(_: &str) -> Result<usize, String> {
+    Err(
+        "host-proxy has separate caps now: use --max-ingress and --max-egress \
+         (and --max-per-client)"
+            .into(),
+    )
+}
+
 fn parse_allow(s: &str) -> Result<Rule, String> {
     Rule::parse(s, Action::Allow).map_err(|e| e.to_string())
 }
 
 fn parse_deny(s: &str) -> Result<Rule, String> {
     Rule::parse(s, Action::Deny).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_and_timeouts() {
+        let c = Config::try_parse_from(["host-proxy", "--enclave", "unix:/x"]).unwrap();
+        assert_eq!(
+            (c.max_ingress, c.max_egress, c.max_per_client),
+            (16384, 16384, 256)
+        );
+        assert_eq!(c.idle_timeout, None);
+        let c = Config::try_parse_from([
+            "host-proxy",
+            "--enclave",
+            "unix:/x",
+            "--max-ingress",
+            "10",
+            "--max-egress",
+            "20",
+            "--max-per-client",
+            "3",
+            "--idle-timeout",
+            "90",
+        ])
+        .unwrap();
+        assert_eq!((c.max_ingress, c.max_egress, c.max_per_client), (10, 20, 3));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(90)));
+        assert!(Config::try_parse_from([
+            "host-proxy",
+            "--enclave",
+            "unix:/x",
+            "--max-egress",
+            "0"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn the_old_shared_cap_says_what_replaced_it() {
+        let err = Config::try_parse_from([
+            "host-proxy",
+            "--enclave",
+            "unix:/x",
+            "--max-connections",
+            "100",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--max-ingress"), "{err}");
+    }
 }

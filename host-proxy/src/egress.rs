@@ -1,15 +1,18 @@
 //! Egress: streams from enclave-proxy, each asking for one TCP connection out.
 //!
-//! For every stream: read the header (bounded in time and size), check the policy, connect with a
-//! bounded timeout, answer with a status, then splice. A bad stream is answered `bad request`
-//! where possible, logged, and closed; every other stream carries on.
+//! For every stream: take a slot under `--max-egress` (past it, answer `unreachable` at once),
+//! read the header (bounded in time and size), check the policy, connect with a bounded timeout,
+//! answer with a status, then splice. A bad stream is answered `bad request` where possible,
+//! logged (rate-limited), and closed; every other stream carries on.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::handshake::{read_header, write_status};
 use common::metrics::Counters;
+use common::telemetry::RateLimit;
 use common::transport::{Listener, Stream};
 use common::wire::{Kind, Status};
 use tokio::net::TcpStream;
@@ -17,6 +20,10 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::policy::Action;
 use crate::Shared;
+
+/// One warning per this many seconds about streams that are not a valid egress request (the
+/// usual cause is an enclave-proxy of another version); the rest go to `debug`.
+static BAD_STREAMS: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 /// Accepts egress streams until the task is cancelled.
 pub async fn serve(listener: Listener, shared: Arc<Shared>) {
@@ -28,33 +35,48 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>) {
 }
 
 async fn handle(mut link: Stream, shared: Arc<Shared>) {
-    let Ok(_permit) = shared.permits.clone().try_acquire_owned() else {
-        warn!("connection cap reached, refusing egress stream");
-        Counters::bump(&shared.counters.failed);
-        let _ = write_status(&mut link, Status::Unreachable).await;
-        return;
+    // Taken before the header is read, so streams stuck in the handshake count too; held until
+    // the connection is over, however it ends.
+    let _permit = match shared.caps.egress() {
+        Ok(permit) => permit,
+        Err(cap) => {
+            // The enclave application's connect() fails at once rather than waiting.
+            debug!("{cap}, refusing egress stream");
+            Counters::bump(&shared.counters.capped);
+            let _ = write_status(&mut link, Status::Unreachable).await;
+            return;
+        }
     };
+    let _live = shared.counters.live(&shared.counters.live_egress);
     let header = match read_header(&mut link, shared.config.handshake_timeout).await {
         Ok(h) => h,
         Err(e) => {
-            warn!("dropping egress stream: {e}");
+            match BAD_STREAMS.allow() {
+                Some(suppressed) => warn!(suppressed, "dropping egress stream: {e}"),
+                None => debug!("dropping egress stream: {e}"),
+            }
             Counters::bump(&shared.counters.failed);
             let _ = write_status(&mut link, Status::BadRequest).await;
             return;
         }
     };
     if header.kind != Kind::TcpEgress {
-        warn!(kind = ?header.kind, "dropping stream: not an egress request");
+        match BAD_STREAMS.allow() {
+            Some(suppressed) => {
+                warn!(suppressed, kind = ?header.kind, "dropping stream: not an egress request")
+            }
+            None => debug!(kind = ?header.kind, "dropping stream: not an egress request"),
+        }
         Counters::bump(&shared.counters.failed);
         let _ = write_status(&mut link, Status::BadRequest).await;
         return;
     }
     let span = info_span!("tcp", tcp.src = %header.src, tcp.dst = %header.dst);
-    carry(link, header.dst, shared).instrument(span).await;
+    carry(link, header.dst, &shared).instrument(span).await;
 }
 
-async fn carry(mut link: Stream, dst: SocketAddr, shared: Arc<Shared>) {
-    let mut tcp = match connect(dst, &shared).await {
+async fn carry(mut link: Stream, dst: SocketAddr, shared: &Shared) {
+    let mut tcp = match connect(dst, shared).await {
         Ok(tcp) => tcp,
         Err(status) => {
             shared.counters.failure(status);
@@ -67,7 +89,13 @@ async fn carry(mut link: Stream, dst: SocketAddr, shared: Arc<Shared>) {
         return;
     }
     Counters::bump(&shared.counters.opened);
-    crate::splice::pump(&mut tcp, &mut link, &shared.counters).await;
+    crate::splice::pump(
+        &mut tcp,
+        &mut link,
+        &shared.counters,
+        shared.config.idle_timeout,
+    )
+    .await;
 }
 
 /// Applies the policy and connects, mapping every failure to the status the enclave sees.
@@ -88,7 +116,7 @@ async fn connect(dst: SocketAddr, shared: &Shared) -> Result<TcpStream, Status> 
             Err(status)
         }
         Ok(Ok(tcp)) => {
-            let _ = tcp.set_nodelay(true);
+            crate::limits::keepalive(&tcp);
             Ok(tcp)
         }
     }

@@ -2,19 +2,40 @@
 //!
 //! The stream's header names the real client address, so the enclave can source the connection
 //! from it. Unless enclave-proxy answers `ok`, the client is reset (not held open), promptly: the
-//! link connect and the status wait are both bounded.
+//! link connect and the status wait are both bounded. A client past the ingress cap or its
+//! per-client cap ([`crate::limits`]) is reset at once, before any link is opened.
+//!
+//! Every line logged per client for a failure is at `debug`, or rate-limited when it says
+//! something the operator must hear about (the enclave being unreachable): a flood of clients
+//! must not become a flood of log lines.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::handshake::{read_status, write_header};
 use common::metrics::Counters;
+use common::telemetry::RateLimit;
 use common::wire::{Header, Kind, Status};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::splice::{pump, reset};
 use crate::Shared;
+
+/// One warning per this many seconds about failures of the enclave link; the rest go to `debug`.
+static LINK_TROUBLE: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+/// Logs a failure of the enclave link: at `warn`, rate-limited, with the count held back since
+/// the last warning; otherwise at `debug`.
+macro_rules! link_trouble {
+    ($($arg:tt)+) => {
+        match LINK_TROUBLE.allow() {
+            Some(suppressed) => warn!(suppressed, $($arg)+),
+            None => debug!($($arg)+),
+        }
+    };
+}
 
 /// Accepts clients on one published port until the task is cancelled.
 pub async fn serve(listener: TcpListener, enclave_port: u16, shared: Arc<Shared>) {
@@ -26,27 +47,37 @@ pub async fn serve(listener: TcpListener, enclave_port: u16, shared: Arc<Shared>
     .await;
 }
 
-async fn handle(mut tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>) {
+async fn handle(tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>) {
     let Ok(peer) = tcp.peer_addr() else {
         return; // The client is already gone.
     };
-    let Ok(_permit) = shared.permits.clone().try_acquire_owned() else {
-        warn!("connection cap reached, resetting client");
-        Counters::bump(&shared.counters.failed);
-        return reset(&tcp);
+    // Held until the connection is over, however it ends.
+    let _permit = match shared.caps.ingress(peer.ip()) {
+        Ok(permit) => permit,
+        Err(cap) => {
+            debug!("{cap}, resetting client");
+            Counters::bump(&shared.counters.capped);
+            return reset(&tcp);
+        }
     };
-    let _ = tcp.set_nodelay(true);
+    let _live = shared.counters.live(&shared.counters.live_ingress);
+    crate::limits::keepalive(&tcp);
+    carry(tcp, peer, enclave_port, &shared).await;
+}
+
+async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: &Shared) {
     let local = tcp.local_addr().unwrap_or(peer);
+    let enclave = &shared.config.enclave;
     let limit = shared.config.handshake_timeout;
-    let mut link = match tokio::time::timeout(limit, shared.config.enclave.connect()).await {
+    let mut link = match tokio::time::timeout(limit, enclave.connect()).await {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => {
-            warn!(enclave = %shared.config.enclave, "enclave unreachable, resetting client: {e}");
+            link_trouble!(%enclave, "enclave unreachable, resetting client: {e}");
             Counters::bump(&shared.counters.failed);
             return reset(&tcp);
         }
         Err(_) => {
-            warn!(enclave = %shared.config.enclave, "enclave did not accept within {limit:?}, resetting client");
+            link_trouble!(%enclave, "enclave did not accept within {limit:?}, resetting client");
             Counters::bump(&shared.counters.failed);
             return reset(&tcp);
         }
@@ -57,7 +88,7 @@ async fn handle(mut tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>) {
         dst: SocketAddr::new(local.ip(), enclave_port),
     };
     if let Err(e) = write_header(&mut link, &header).await {
-        warn!("enclave link failed, resetting client: {e}");
+        link_trouble!(%enclave, "enclave link failed, resetting client: {e}");
         Counters::bump(&shared.counters.failed);
         return reset(&tcp);
     }
@@ -71,13 +102,18 @@ async fn handle(mut tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>) {
             return reset(&tcp);
         }
         Err(e) => {
-            warn!("no valid status from the enclave, resetting client: {e}");
+            link_trouble!(%enclave, "no valid status from the enclave, resetting client: {e}");
             Counters::bump(&shared.counters.failed);
             return reset(&tcp);
         }
     }
     Counters::bump(&shared.counters.opened);
-    pump(&mut tcp, &mut link, &shared.counters)
-        .instrument(info_span!("splice"))
-        .await;
+    pump(
+        &mut tcp,
+        &mut link,
+        &shared.counters,
+        shared.config.idle_timeout,
+    )
+    .instrument(info_span!("splice"))
+    .await;
 }

@@ -4,23 +4,33 @@
 //!   enclave-proxy, naming the real client and the enclave port.
 //! - [`egress`]: accepts streams from enclave-proxy, applies the [`policy`], connects to the
 //!   destination and answers with a status.
+//! - [`limits`]: the caps (ingress, egress, per client) and TCP keep-alive both use.
 //! - [`splice`]: the byte pump both use once a connection is up.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod egress;
 pub mod ingress;
+pub mod limits;
 pub mod policy;
 pub mod publish;
 pub mod splice;
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::metrics::Counters;
-use tokio::sync::Semaphore;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::Config;
+
+/// How often the parent's own addresses are read again for the egress policy (DHCP can change
+/// them while host-proxy runs).
+pub const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(10);
+
+/// Descriptors beyond the connections' own: listeners, the runtime, logs, getifaddrs' socket.
+const FD_MARGIN: u64 = 64;
 
 /// State shared by every connection task.
 #[derive(Debug)]
@@ -31,8 +41,8 @@ pub struct Shared {
     pub policy: policy::Policy,
     /// Counters.
     pub counters: Counters,
-    /// One permit per carried connection.
-    pub permits: Arc<Semaphore>,
+    /// Connection caps.
+    pub caps: limits::Caps,
 }
 
 /// Why host-proxy could not start.
@@ -56,21 +66,43 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The parent's own addresses, which egress must not reach, could not be read.
+    #[error("cannot list the parent's interface addresses: {0}")]
+    LocalAddrs(#[source] nix::Error),
 }
 
 /// Runs host-proxy until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
-    common::telemetry::raise_fd_limit();
     let mut rules = config.allow.clone();
     rules.extend(config.deny.iter().cloned());
     let shared = Arc::new(Shared {
         policy: policy::Policy::new(rules),
         counters: Counters::default(),
-        permits: Arc::new(Semaphore::new(config.max_connections)),
+        caps: limits::Caps::new(config.max_ingress, config.max_egress, config.max_per_client),
         config,
     });
+    let listeners: usize = shared
+        .config
+        .publish
+        .iter()
+        .map(|p| usize::from(p.count))
+        .sum();
+    check_fd_limit(&shared.config, listeners);
+    // Before anything is served, so no egress stream is checked without them.
+    let addrs = interface_addrs().map_err(StartError::LocalAddrs)?;
+    shared.policy.set_local_addrs(addrs);
+    info!(addrs = ?shared.policy.local_addrs(), "egress denies the parent's own addresses");
 
+    // tokio keeps a signal handler installed for the life of the process once one is registered,
+    // so registering here, before `ready`, means an early SIGUSR1 is never fatal (its default
+    // action) even if the logging task below has not run yet.
+    let _usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
     let mut tasks = tokio::task::JoinSet::new();
+    let for_usr1 = shared.clone();
+    tasks.spawn(async move {
+        common::metrics::log_on_sigusr1(&for_usr1.counters, "host-proxy").await;
+    });
+    tasks.spawn(refresh_local_addrs(shared.clone()));
     let mut published = Vec::new();
     for spec in &shared.config.publish {
         for (addr, enclave_port) in spec.pairs() {
@@ -103,4 +135,70 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tasks.shutdown().await;
     shared.counters.log("host-proxy");
     Ok(())
+}
+
+/// Every address on every interface of the parent, IPv4 and IPv6.
+fn interface_addrs() -> Result<Vec<IpAddr>, nix::Error> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|sa| match (sa.as_sockaddr_in(), sa.as_sockaddr_in6()) {
+            (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+            (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Re-reads the parent's addresses every [`LOCAL_ADDRS_REFRESH`]; runs until cancelled.
+/// getifaddrs is one netlink dump, well under a millisecond, so it runs on the runtime.
+async fn refresh_local_addrs(shared: Arc<Shared>) {
+    let start = tokio::time::Instant::now() + LOCAL_ADDRS_REFRESH;
+    let mut tick = tokio::time::interval_at(start, LOCAL_ADDRS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match interface_addrs() {
+            Ok(addrs) => {
+                if shared.policy.set_local_addrs(addrs) {
+                    info!(addrs = ?shared.policy.local_addrs(), "the parent's addresses changed; egress denies the new set");
+                }
+            }
+            // At most one line per refresh; the last set read stays in force.
+            Err(e) => warn!("cannot re-read the parent's interface addresses: {e}"),
+        }
+    }
+}
+
+/// Raises the open-file limit, and says so plainly when it is still too low for the caps: each
+/// carried connection holds two descriptors, ingress (client socket and link stream) and egress
+/// (link stream and destination socket) alike.
+fn check_fd_limit(config: &Config, listeners: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    common::telemetry::raise_fd_limit();
+    let conns = config.max_ingress.saturating_add(config.max_egress);
+    let need = u64::try_from(conns.saturating_mul(2).saturating_add(listeners))
+        .unwrap_or(u64::MAX)
+        .saturating_add(FD_MARGIN);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= need {
+        return;
+    }
+    // Raising the hard limit works with CAP_SYS_RESOURCE (root under systemd); otherwise the
+    // warning below says what to change.
+    if setrlimit(Resource::RLIMIT_NOFILE, need, hard.max(need)).is_ok() {
+        info!(
+            limit = need,
+            "raised the open-file limit for the connection caps"
+        );
+        return;
+    }
+    warn!(
+        limit = soft,
+        needed = need,
+        "the open-file limit is below what --max-ingress and --max-egress need \
+         (2 per connection, plus listeners and a margin); past it new connections fail \
+         with EMFILE: raise LimitNOFILE= or lower the caps"
+    );
 }

@@ -21,3 +21,19 @@ pub fn require_root() {
         "these tests create network namespaces and TAP devices: run them as root"
     );
 }
+
+/// Raises this process's open-file limit to at least `n` if it may: the hard limit too when the
+/// process has `CAP_SYS_RESOURCE`, otherwise the soft limit up to the hard one. Daemons started
+/// afterwards inherit it. Returns the soft limit now in force.
+pub fn raise_nofile(n: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft >= n {
+        return soft;
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, n, hard.max(n)).is_ok() {
+        return n;
+    }
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit").0
+}

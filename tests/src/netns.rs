@@ -132,6 +132,40 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// `n` unconnected IPv4 TCP sockets made inside the namespace on one thread, each bound to
+    /// `src` (port 0) when given. Connect them with `TcpSocket::connect`, which does not block.
+    pub fn sockets(
+        &self,
+        n: usize,
+        src: Option<std::net::IpAddr>,
+    ) -> io::Result<Vec<tokio::net::TcpSocket>> {
+        self.run(move || {
+            (0..n)
+                .map(|_| {
+                    let s = tokio::net::TcpSocket::new_v4()?;
+                    if let Some(ip) = src {
+                        s.bind(SocketAddr::new(ip, 0))?;
+                    }
+                    Ok(s)
+                })
+                .collect()
+        })
+    }
+
+    /// Connects from inside the namespace, from the source address `src`.
+    pub async fn connect_from(
+        &self,
+        src: std::net::IpAddr,
+        addr: SocketAddr,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let socket = self.sockets(1, Some(src))?.remove(0);
+        let stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

@@ -136,6 +136,124 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Sends `signal` to the daemon, by its PID.
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (`kill -9`: no clean-up of its own) and reaps it.
+    pub fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        crate::cleanup::forget(&crate::cleanup::Item::Process(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// How many file descriptors the daemon has open now (`/proc/PID/fd`).
+    pub fn fd_count(&self) -> usize {
+        let pid = self.pid().expect("daemon is running");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or_else(|e| panic!("{}: /proc/{pid}/fd: {e}", self.name))
+    }
+
+    /// The daemon's resident memory in KiB (`VmRSS` in `/proc/PID/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.pid().expect("daemon is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{}: no VmRSS in /proc/{pid}/status", self.name))
+    }
+
+    /// Asks the daemon for its counters (SIGUSR1) and returns the line it logs, parsed into
+    /// `name -> value` (`live.ingress`, `live.egress`, `opened`, ...). Panics if no new counters
+    /// line appears within 5 s.
+    pub fn counters(&self) -> Counters {
+        let before = counter_lines(&self.log_text()).len();
+        self.signal(Signal::SIGUSR1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.log_text();
+            let lines = counter_lines(&text);
+            if lines.len() > before {
+                return Counters::parse(lines[lines.len() - 1]);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} logged no counters line within 5 s of SIGUSR1:\n{text}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The counters a daemon logs on SIGUSR1, by field name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters(pub std::collections::BTreeMap<String, u64>);
+
+impl Counters {
+    /// Parses every `name=number` field of a log line (ANSI colours allowed).
+    pub fn parse(line: &str) -> Counters {
+        let plain = strip_ansi(line);
+        Counters(
+            plain
+                .split_whitespace()
+                .filter_map(|field| {
+                    let (k, v) = field.split_once('=')?;
+                    Some((k.to_string(), v.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// One field; panics if the line has no such field.
+    pub fn get(&self, name: &str) -> u64 {
+        *self
+            .0
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in the counters line {:?}", self.0))
+    }
+
+    /// Live connections: `(live.ingress, live.egress)`.
+    pub fn live(&self) -> (u64, u64) {
+        (self.get("live.ingress"), self.get("live.egress"))
+    }
+}
+
+/// The lines of a log that carry live-connection counters.
+fn counter_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.contains("counters") && l.contains("live.ingress"))
+        .collect()
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`), which tracing adds around field names.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();

@@ -75,6 +75,7 @@ pub struct Topology {
     /// The outside world.
     pub internet: Netns,
     host_args: Vec<String>,
+    enclave_args: Vec<String>,
     /// Temporary directory holding the link sockets and logs.
     pub dir: TempDir,
 }
@@ -120,31 +121,67 @@ impl Topology {
             format!("{PUBLISHED}:{ENCLAVE_PORT}"),
         ];
         host_args.extend(host_extra.iter().map(|s| s.to_string()));
-        let mut enclave_cmd = enclave.command(bin("enclave-proxy").to_str().expect("utf-8 path"));
-        enclave_cmd.args([
-            "--host",
-            &link("host.sock"),
-            "--listen",
-            &link("enclave.sock"),
-        ]);
-        enclave_cmd.args(enclave_extra);
-        let enclave_proxy = Daemon::start(
-            "enclave-proxy",
-            enclave_cmd,
-            dir.0.join("enclave-proxy.log"),
-        );
+        let mut enclave_args = vec![
+            "--host".to_string(),
+            link("host.sock"),
+            "--listen".into(),
+            link("enclave.sock"),
+        ];
+        enclave_args.extend(enclave_extra.iter().map(|s| s.to_string()));
         let mut topo = Topology {
             host: None,
-            enclave_proxy: Some(enclave_proxy),
+            enclave_proxy: None,
             client,
             parent,
             enclave,
             internet,
             host_args,
+            enclave_args,
             dir,
         };
+        topo.start_enclave();
         topo.start_host();
         topo
+    }
+
+    /// Starts (or restarts) enclave-proxy with the same arguments. A restart keeps the previous
+    /// log as `enclave-proxy.previous.log`.
+    pub fn start_enclave(&mut self) {
+        let mut cmd: Command = self
+            .enclave
+            .command(bin("enclave-proxy").to_str().expect("utf-8 path"));
+        cmd.args(&self.enclave_args);
+        let log = self.dir.0.join("enclave-proxy.log");
+        if self.enclave_proxy.is_some() || log.exists() {
+            let _ = std::fs::rename(&log, self.dir.0.join("enclave-proxy.previous.log"));
+        }
+        self.enclave_proxy = Some(Daemon::start("enclave-proxy", cmd, log));
+    }
+
+    /// Kills host-proxy with SIGKILL, as a crash would.
+    pub fn kill_host(&mut self) {
+        if let Some(mut d) = self.host.take() {
+            d.kill();
+        }
+    }
+
+    /// Kills enclave-proxy with SIGKILL, as a crash would.
+    pub fn kill_enclave(&mut self) {
+        if let Some(mut d) = self.enclave_proxy.take() {
+            d.kill();
+        }
+    }
+
+    /// The running host-proxy.
+    pub fn host(&self) -> &Daemon {
+        self.host.as_ref().expect("host-proxy is running")
+    }
+
+    /// The running enclave-proxy.
+    pub fn enclave_proxy(&self) -> &Daemon {
+        self.enclave_proxy
+            .as_ref()
+            .expect("enclave-proxy is running")
     }
 
     /// Starts (or restarts) host-proxy with the same arguments.
@@ -202,6 +239,7 @@ impl Drop for Topology {
             let _ = std::fs::create_dir_all(&keep);
             for log in [
                 "enclave-proxy.log",
+                "enclave-proxy.previous.log",
                 "host-proxy.log",
                 "host-proxy.previous.log",
             ] {

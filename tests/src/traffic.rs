@@ -182,3 +182,54 @@ pub async fn memcached(
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
+
+/// Echoes every byte back on each connection until the client closes.
+pub fn serve_echo(listener: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let (mut r, mut w) = stream.into_split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+}
+
+/// Sends an endless stream to each connection (a download that never ends) until writing fails.
+pub fn serve_stream(listener: TcpListener) {
+    tokio::spawn(async move {
+        let chunk = std::sync::Arc::new(payload(0xd0, 64 * 1024));
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let chunk = chunk.clone();
+            tokio::spawn(async move { while stream.write_all(&chunk).await.is_ok() {} });
+        }
+    });
+}
+
+/// Aborts a connection: `SO_LINGER` 0, then close, so the kernel sends a RST.
+pub fn reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)
+        .expect("SO_LINGER");
+    drop(stream);
+}
+
+/// Reads until the stream ends: returns the bytes read and how it ended, `Ok(())` for a clean
+/// end of file or the error.
+pub async fn drain(r: &mut (impl AsyncReadExt + Unpin)) -> (u64, std::io::Result<()>) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => return (total, Ok(())),
+            Ok(n) => total += n as u64,
+            Err(e) => return (total, Err(e)),
+        }
+    }
+}
