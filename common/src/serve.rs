@@ -48,7 +48,8 @@ pub async fn accept_loop<L: Accept>(
                 spawn(conn, peer, next_id);
             }
             Err(e) => {
-                tracing::warn!("{what} accept failed: {e}");
+                // A flood (EMFILE) fails every accept: one line per period, the rest counted.
+                crate::warn_limited!("{what} accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

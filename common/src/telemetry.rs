@@ -51,17 +51,34 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Raises the soft open-file limit to the hard limit: each proxied connection holds two
-/// descriptors, and the usual soft limit of 1024 would cap a daemon at a few hundred connections.
-pub fn raise_fd_limit() {
+/// Raises the open-file limit to at least `need` descriptors, and says plainly when it cannot.
+///
+/// The soft limit goes to the hard limit first (the usual soft limit of 1024 would cap a daemon
+/// at a few hundred connections); if that is still short, the hard limit is raised too, which
+/// works with CAP_SYS_RESOURCE (root, or a systemd unit with `LimitNOFILE=`). `caps` names the
+/// options the need comes from, for the warning.
+pub fn raise_fd_limit(need: u64, caps: &str) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!("could not raise the open-file limit from {soft}: {e}");
-            }
-        }
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let target = need.max(soft.min(hard));
+    if soft >= need {
+        return;
     }
+    if setrlimit(Resource::RLIMIT_NOFILE, hard.max(need), hard.max(need)).is_ok() {
+        tracing::debug!(limit = hard.max(need), "raised the open-file limit");
+        return;
+    }
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() && hard >= need {
+        return;
+    }
+    tracing::warn!(
+        limit = hard.min(target),
+        needed = need,
+        "the open-file limit is below what {caps} need; past it new connections fail with \
+         EMFILE: raise the limit (systemd: LimitNOFILE=) or lower the caps"
+    );
 }
 
 /// Lets one event through per `period` and counts the rest, for log lines that a flood could
@@ -104,6 +121,21 @@ impl RateLimit {
             }
         }
     }
+}
+
+/// Logs at `warn` at most once per 10 s from this call site, with the count held back since the
+/// last one let through; the rest go to `debug`. For lines a flood could trigger per stream or
+/// per packet. Takes what `tracing::warn!` takes, without `parent:`.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::telemetry::RateLimit =
+            $crate::telemetry::RateLimit::new(::std::time::Duration::from_secs(10));
+        match LIMIT.allow() {
+            Some(suppressed) => ::tracing::warn!(suppressed, $($arg)+),
+            None => ::tracing::debug!($($arg)+),
+        }
+    }};
 }
 
 #[cfg(test)]

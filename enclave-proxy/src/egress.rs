@@ -5,7 +5,7 @@ use std::time::Duration;
 use common::handshake::{read_status, write_header};
 use common::transport::{LinkAddr, Stream};
 use common::wire::{Header, Status};
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Opens a stream to host-proxy, sends the header and waits for the status, all within `limit`.
 /// Returns the stream, ready for payload, or the status the application's connect should fail
@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 pub async fn open(host: &LinkAddr, header: &Header, limit: Duration) -> Result<Stream, Status> {
     let attempt = async {
         let mut link = host.connect().await.map_err(|e| {
-            warn!(%host, "host-proxy unreachable: {e}");
+            common::warn_limited!(%host, "host-proxy unreachable: {e}");
             Status::Unreachable
         })?;
         write_header(&mut link, header).await.map_err(|e| {
@@ -24,7 +24,7 @@ pub async fn open(host: &LinkAddr, header: &Header, limit: Duration) -> Result<S
             Ok(Status::Ok) => Ok(link),
             Ok(status) => Err(status),
             Err(e) => {
-                warn!("no valid status from host-proxy: {e}");
+                common::warn_limited!("no valid status from host-proxy: {e}");
                 Err(Status::Unreachable)
             }
         }

@@ -62,7 +62,9 @@ pub enum StartError {
 /// task and its helpers share one thread, so wakers never cross threads.
 pub async fn run(config: Config) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
-    common::telemetry::raise_fd_limit();
+    // One descriptor per connection (its link stream), plus the TAP, sockets and a margin.
+    let need = config.max_ingress.saturating_add(config.max_egress) as u64 + 64;
+    common::telemetry::raise_fd_limit(need, "--max-ingress and --max-egress (1 per connection)");
     let tap_err = |source| StartError::Tap {
         name: config.tap.clone(),
         source,
@@ -108,6 +110,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         events,
         counters.clone(),
     ));
+    // Registered before `ready`: tokio keeps the handler for the process's life, so an early
+    // SIGUSR1 is never fatal (its default action).
+    let _usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
+    let usr1 = {
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            common::metrics::log_on_sigusr1(&counters, "enclave-proxy").await;
+        })
+    };
     info!(
         tap = %config.tap,
         address = %format!("{}/{}", config.address.0, config.address.1),
@@ -117,12 +128,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         listen = %config.listen,
         "enclave-proxy ready"
     );
-    let usr1 = {
-        let counters = counters.clone();
-        tokio::spawn(async move {
-            common::metrics::log_on_sigusr1(&counters, "enclave-proxy").await;
-        })
-    };
     stack.run(common::telemetry::shutdown_signal()).await;
     accept.abort();
     usr1.abort();

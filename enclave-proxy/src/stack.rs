@@ -372,7 +372,7 @@ impl Stack {
         let handle = self.sockets.add(self.new_socket());
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         if let Err(e) = socket.listen(key.remote) {
-            warn!(parent: &span, "cannot listen on {}: {e}", key.remote);
+            common::warn_limited!("cannot listen on {}: {e}", key.remote);
             self.sockets.remove(handle);
             self.tap.forget(&key);
             self.fail_syn(held.frame, Status::Unreachable);
@@ -385,7 +385,7 @@ impl Stack {
         self.poll();
         let socket = self.sockets.get::<tcp::Socket>(handle);
         if socket.remote_endpoint() != Some(key.local) {
-            warn!(parent: &span, state = %socket.state(), "replayed SYN was not taken");
+            common::warn_limited!(state = %socket.state(), "replayed SYN was not taken");
             self.sockets.remove(handle);
             self.tap.forget(&key);
             return;
@@ -427,7 +427,7 @@ impl Stack {
             return refuse(link, Status::Unreachable, &self.counters);
         }
         let Some(source) = self.ingress_source(header.src, routed, remote) else {
-            warn!(parent: &span, "no free source port for a gateway-sourced connection");
+            common::warn_limited!("no free source port for a gateway-sourced connection");
             return refuse(link, Status::Unreachable, &self.counters);
         };
         let key = FlowKey {
@@ -435,13 +435,13 @@ impl Stack {
             remote: source,
         };
         if self.tap.flows.contains_key(&key) {
-            warn!(parent: &span, "duplicate ingress flow from {}", header.src);
+            debug!(parent: &span, "duplicate ingress flow from {}", header.src);
             return refuse(link, Status::BadRequest, &self.counters);
         }
         let handle = self.sockets.add(self.new_socket());
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         if let Err(e) = socket.connect(self.iface.context(), remote, source) {
-            warn!(parent: &span, "cannot connect {source} -> {remote}: {e}");
+            common::warn_limited!("cannot connect {source} -> {remote}: {e}");
             self.sockets.remove(handle);
             return refuse(link, Status::BadRequest, &self.counters);
         }

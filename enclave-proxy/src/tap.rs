@@ -12,7 +12,6 @@ use std::io::{self, Read, Write};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use tokio::io::unix::AsyncFd;
-use tracing::warn;
 
 use crate::packet::{classify, FlowKey, Frame};
 use crate::sys::{VNET_HDR_F_DATA_VALID, VNET_HDR_LEN};
@@ -119,12 +118,12 @@ fn write_frame(file: &File, frame: &[u8], dropped: &mut u64) {
         Ok(n) if n == frame.len() => {}
         Ok(n) => {
             *dropped += 1;
-            warn!("short TAP write: {n} of {} bytes", frame.len());
+            common::warn_limited!("short TAP write: {n} of {} bytes", frame.len());
         }
         Err(e) => {
             *dropped += 1;
             if e.kind() != io::ErrorKind::WouldBlock {
-                warn!("TAP write failed: {e}");
+                common::warn_limited!("TAP write failed: {e}");
             }
         }
     }
@@ -183,7 +182,7 @@ impl Device for Tap {
                     Ok(_) => continue,
                     Err(e) => {
                         if e.kind() != io::ErrorKind::WouldBlock {
-                            warn!("TAP read failed: {e}");
+                            common::warn_limited!("TAP read failed: {e}");
                         }
                         self.rx_blocked = true;
                         return None;

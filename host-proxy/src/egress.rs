@@ -8,22 +8,16 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::handshake::{read_header, write_status};
 use common::metrics::Counters;
-use common::telemetry::RateLimit;
 use common::transport::{Listener, Stream};
 use common::wire::{Kind, Status};
 use tokio::net::TcpStream;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::policy::Action;
 use crate::Shared;
-
-/// One warning per this many seconds about streams that are not a valid egress request (the
-/// usual cause is an enclave-proxy of another version); the rest go to `debug`.
-static BAD_STREAMS: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 /// Accepts egress streams until the task is cancelled.
 pub async fn serve(listener: Listener, shared: Arc<Shared>) {
@@ -51,22 +45,14 @@ async fn handle(mut link: Stream, shared: Arc<Shared>) {
     let header = match read_header(&mut link, shared.config.handshake_timeout).await {
         Ok(h) => h,
         Err(e) => {
-            match BAD_STREAMS.allow() {
-                Some(suppressed) => warn!(suppressed, "dropping egress stream: {e}"),
-                None => debug!("dropping egress stream: {e}"),
-            }
+            common::warn_limited!("dropping egress stream: {e}");
             Counters::bump(&shared.counters.failed);
             let _ = write_status(&mut link, Status::BadRequest).await;
             return;
         }
     };
     if header.kind != Kind::TcpEgress {
-        match BAD_STREAMS.allow() {
-            Some(suppressed) => {
-                warn!(suppressed, kind = ?header.kind, "dropping stream: not an egress request")
-            }
-            None => debug!(kind = ?header.kind, "dropping stream: not an egress request"),
-        }
+        common::warn_limited!(kind = ?header.kind, "dropping stream: not an egress request");
         Counters::bump(&shared.counters.failed);
         let _ = write_status(&mut link, Status::BadRequest).await;
         return;

@@ -11,31 +11,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::handshake::{read_status, write_header};
 use common::metrics::Counters;
-use common::telemetry::RateLimit;
 use common::wire::{Header, Kind, Status};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, Instrument};
 
 use crate::splice::{pump, reset};
 use crate::Shared;
-
-/// One warning per this many seconds about failures of the enclave link; the rest go to `debug`.
-static LINK_TROUBLE: RateLimit = RateLimit::new(Duration::from_secs(10));
-
-/// Logs a failure of the enclave link: at `warn`, rate-limited, with the count held back since
-/// the last warning; otherwise at `debug`.
-macro_rules! link_trouble {
-    ($($arg:tt)+) => {
-        match LINK_TROUBLE.allow() {
-            Some(suppressed) => warn!(suppressed, $($arg)+),
-            None => debug!($($arg)+),
-        }
-    };
-}
 
 /// Accepts clients on one published port until the task is cancelled.
 pub async fn serve(listener: TcpListener, enclave_port: u16, shared: Arc<Shared>) {
@@ -72,12 +56,12 @@ async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: 
     let mut link = match tokio::time::timeout(limit, enclave.connect()).await {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => {
-            link_trouble!(%enclave, "enclave unreachable, resetting client: {e}");
+            common::warn_limited!(%enclave, "enclave unreachable, resetting client: {e}");
             Counters::bump(&shared.counters.failed);
             return reset(&tcp);
         }
         Err(_) => {
-            link_trouble!(%enclave, "enclave did not accept within {limit:?}, resetting client");
+            common::warn_limited!(%enclave, "enclave did not accept within {limit:?}, resetting client");
             Counters::bump(&shared.counters.failed);
             return reset(&tcp);
         }
@@ -88,7 +72,7 @@ async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: 
         dst: SocketAddr::new(local.ip(), enclave_port),
     };
     if let Err(e) = write_header(&mut link, &header).await {
-        link_trouble!(%enclave, "enclave link failed, resetting client: {e}");
+        common::warn_limited!(%enclave, "enclave link failed, resetting client: {e}");
         Counters::bump(&shared.counters.failed);
         return reset(&tcp);
     }
@@ -102,7 +86,7 @@ async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: 
             return reset(&tcp);
         }
         Err(e) => {
-            link_trouble!(%enclave, "no valid status from the enclave, resetting client: {e}");
+            common::warn_limited!(%enclave, "no valid status from the enclave, resetting client: {e}");
             Counters::bump(&shared.counters.failed);
             return reset(&tcp);
         }

@@ -169,36 +169,12 @@ async fn refresh_local_addrs(shared: Arc<Shared>) {
     }
 }
 
-/// Raises the open-file limit, and says so plainly when it is still too low for the caps: each
-/// carried connection holds two descriptors, ingress (client socket and link stream) and egress
-/// (link stream and destination socket) alike.
+/// Raises the open-file limit for the caps: each carried connection holds two descriptors,
+/// ingress (client socket and link stream) and egress (link stream and destination socket) alike.
 fn check_fd_limit(config: &Config, listeners: usize) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    common::telemetry::raise_fd_limit();
     let conns = config.max_ingress.saturating_add(config.max_egress);
     let need = u64::try_from(conns.saturating_mul(2).saturating_add(listeners))
         .unwrap_or(u64::MAX)
         .saturating_add(FD_MARGIN);
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
-    if soft >= need {
-        return;
-    }
-    // Raising the hard limit works with CAP_SYS_RESOURCE (root under systemd); otherwise the
-    // warning below says what to change.
-    if setrlimit(Resource::RLIMIT_NOFILE, need, hard.max(need)).is_ok() {
-        info!(
-            limit = need,
-            "raised the open-file limit for the connection caps"
-        );
-        return;
-    }
-    warn!(
-        limit = soft,
-        needed = need,
-        "the open-file limit is below what --max-ingress and --max-egress need \
-         (2 per connection, plus listeners and a margin); past it new connections fail \
-         with EMFILE: raise LimitNOFILE= or lower the caps"
-    );
+    common::telemetry::raise_fd_limit(need, "--max-ingress and --max-egress (2 per connection)");
 }

@@ -43,6 +43,10 @@ struct Args {
     /// Only DIRECT and ENCLAVE-NET, memcaslap only (the demo).
     #[arg(long)]
     demo: bool,
+    /// Only DIRECT and ENCLAVE-NET, every figure: to compare two builds of the pair quickly
+    /// (set ENCLAVE_NET_BIN_DIR to the other build's binaries). Writes pair.md and pair.json.
+    #[arg(long)]
+    pair_only: bool,
     /// Where to write latest.md and latest.json.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
@@ -335,7 +339,7 @@ fn main() {
         &args,
         &clock,
     ));
-    if !args.demo {
+    if !args.demo && !args.pair_only {
         clock.stage("SPLICE: starting socat pairs");
         let sock = |n: &str| dir.join(n).display().to_string();
         let b = "-b131072";
@@ -636,7 +640,13 @@ fn report(results: &[PathResult], args: &Args, cores: usize) {
     }
     println!("\n{md}");
     let _ = std::fs::create_dir_all(&args.out);
-    let stem = if args.demo { "demo" } else { "latest" };
+    let stem = if args.demo {
+        "demo"
+    } else if args.pair_only {
+        "pair"
+    } else {
+        "latest"
+    };
     let json = json!({"date": date, "cores": cores, "runs": args.runs,
         "memcaslap_secs": args.memcaslap_secs, "iperf_secs": args.iperf_secs, "paths": json_paths});
     let _ = std::fs::write(args.out.join(format!("{stem}.md")), &md);
