@@ -22,3 +22,5 @@ stage "build (release)"
 cargo build --release --workspace --bins --locked
 stage "tests (release, as root)"
 cargo test --release --workspace --locked
+stage "fuzz (60 s per target)"
+bash scripts/fuzz.sh 60

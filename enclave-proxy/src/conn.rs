@@ -39,6 +39,9 @@ use crate::packet::FlowKey;
 /// How long a connection whose socket has closed may take to hand what it received to the link.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
+/// How much a connection copies to try a link that was full at its last write.
+const PROBE_LEN: usize = 2048;
+
 /// The scratch buffer a connection is lent while it is pumped: a full link write, or a read.
 pub const SCRATCH_LEN: usize = 64 * 1024;
 
@@ -127,6 +130,9 @@ pub struct Conn {
     out: Outgoing,
     /// The FIN frame has been written whole.
     fin_sent: bool,
+    /// The link's last write would have blocked: the next try copies only a little, since the
+    /// wake-up may have come from the socket, not from the link.
+    link_full: bool,
     incoming: Deframer,
     /// The link's FIN has been passed to the socket.
     link_fin: bool,
@@ -169,6 +175,7 @@ impl Conn {
             status_left: 0,
             out: Outgoing::idle(),
             fin_sent: false,
+            link_full: false,
             incoming: Deframer::new(),
             link_fin: false,
             app_fin: false,
@@ -315,21 +322,28 @@ impl Conn {
                 let header = &self.out.header[self.out.header_at..];
                 let h = header.len();
                 scratch[..h].copy_from_slice(header);
+                let want = if self.link_full {
+                    self.out.data_left.min(PROBE_LEN)
+                } else {
+                    self.out.data_left
+                };
                 // The payload stays in the ring until the link takes it: a copy, not a dequeue.
-                let d = socket
-                    .peek_slice(&mut scratch[h..h + self.out.data_left])
-                    .unwrap_or(0);
-                if d < self.out.data_left {
+                let d = socket.peek_slice(&mut scratch[h..h + want]).unwrap_or(0);
+                if d < want {
                     // Bytes counted into the frame are gone from the ring: the socket was reset
                     // under us. The frame cannot be finished; closing the link cuts it.
                     return Err(eof("receive buffer emptied inside a frame"));
                 }
                 let n = match Pin::new(&mut self.link).poll_write(cx, &scratch[..h + d]) {
-                    Poll::Pending => return Ok(()),
+                    Poll::Pending => {
+                        self.link_full = true;
+                        return Ok(());
+                    }
                     Poll::Ready(Err(e)) => return Err(e),
                     Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                     Poll::Ready(Ok(n)) => n,
                 };
+                self.link_full = false;
                 let from_header = n.min(h);
                 self.out.header_at += from_header;
                 let payload = n - from_header;
@@ -856,5 +870,34 @@ mod tests {
             assert_eq!(rig.end().await, Outcome::Reset, "{before:?}");
             assert!(rig.app_was_reset(), "{before:?}: app saw a clean close");
         }
+    }
+
+    /// An egress socket that falls back to LISTEN during set-up (a RST in SYN-RECEIVED) would
+    /// catch the next replayed SYN for its destination: it is aborted, never reused.
+    #[tokio::test]
+    async fn an_egress_socket_back_in_listen_is_aborted() {
+        let mut socket = crate::stack::new_socket(4096);
+        socket
+            .listen(IpEndpoint::new(IpAddress::v4(10, 0, 0, 9), 80))
+            .unwrap();
+        let (link, _host) = tokio::net::UnixStream::pair().unwrap();
+        let key = FlowKey {
+            local: IpEndpoint::new(IpAddress::v4(10, 240, 0, 2), 40000),
+            remote: IpEndpoint::new(IpAddress::v4(10, 0, 0, 9), 80),
+        };
+        let mut conn = Conn::new(
+            Stream::Unix(link),
+            key,
+            Kind::TcpEgress,
+            Instant::now() + std::time::Duration::from_secs(5),
+            futures::task::noop_waker(),
+            Span::none(),
+        );
+        let mut scratch = vec![0u8; SCRATCH_LEN];
+        assert_eq!(
+            conn.pump(&mut socket, Instant::now(), &mut scratch),
+            Outcome::Reset
+        );
+        assert_eq!(socket.state(), State::Closed);
     }
 }

@@ -14,9 +14,9 @@
 //!   payload and end.
 //!
 //! The body as a payload (padded if asked): `encode_all` with the chosen end costs one 4-byte
-//! header per started DATA frame plus one for the end, and decoding it with `decode_all` (and
-//! with the `Deframer` in the fuzzer's pieces) gives back exactly that payload and end, with no
-//! frame left open.
+//! header per started DATA frame plus one for the end, and decoding it with `decode_all` in
+//! pieces of the first size (and, given several sizes, with the `Deframer` in all of them) gives
+//! back exactly that payload and end, with no frame left open.
 //!
 //! Errors and the latch: after an error the `Deframer` today resets to a frame boundary and
 //! decodes what follows as if nothing had happened. Its callers stop at the first error (the
@@ -24,9 +24,7 @@
 //! stricter check waits for `common::frame` to remember errors as it remembers ends.
 #![no_main]
 
-use common::frame::{
-    decode_all, encode_all, Chunk, Deframer, End, FrameError, FIN, MAX_DATA, RST,
-};
+use common::frame::{decode_all, encode_all, Chunk, Deframer, End, FrameError, FIN, MAX_DATA, RST};
 use fuzz_corpus::FrameInput;
 use libfuzzer_sys::fuzz_target;
 
@@ -84,7 +82,11 @@ fn drive(input: &[u8], splits: &[usize]) -> Outcome {
             match d.decode(piece) {
                 Ok((used, chunk)) => {
                     assert_ne!(before, End::Rst, "accepted {used} bytes after a RST");
-                    assert!(used > 0 && used <= piece.len(), "used {used} of {}", piece.len());
+                    assert!(
+                        used > 0 && used <= piece.len(),
+                        "used {used} of {}",
+                        piece.len()
+                    );
                     match chunk {
                         Some(Chunk::Data(n)) => {
                             assert_eq!(before, End::Open, "accepted data after a FIN");
@@ -219,10 +221,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let (back, end, error) = decode_all_outcome(&bytes, first);
     assert_eq!((end, error), (expected_end, None));
-    assert!(back == payload, "round trip changed a {}-byte payload", payload.len());
+    assert!(
+        back == payload,
+        "round trip changed a {}-byte payload",
+        payload.len()
+    );
     if input.splits.len() > 1 {
         let back = drive(&bytes, &input.splits);
-        assert_eq!((back.end, back.error, back.mid_frame), (expected_end, None, false));
+        assert_eq!(
+            (back.end, back.error, back.mid_frame),
+            (expected_end, None, false)
+        );
         assert!(back.payload == payload);
     }
 });

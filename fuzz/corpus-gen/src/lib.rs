@@ -138,7 +138,13 @@ fn frames(splits: &[usize], end: Option<Chunk>, body: &[u8]) -> Vec<u8> {
 /// Every seed of every target.
 pub fn seeds() -> Vec<Seed> {
     let mut out = Vec::new();
-    let mut add = |target, name, bytes| out.push(Seed { target, name, bytes });
+    let mut add = |target, name, bytes| {
+        out.push(Seed {
+            target,
+            name,
+            bytes,
+        })
+    };
 
     // header: what an opening side really writes, then each way a header is refused.
     let v4_egress = header(Kind::TcpEgress, "10.240.0.2:40000", "93.184.216.34:443");
@@ -165,7 +171,11 @@ pub fn seeds() -> Vec<Seed> {
     add(
         "header",
         "ipv4-mapped-egress",
-        header(Kind::TcpEgress, "10.240.0.2:40001", "[::ffff:203.0.113.7]:80"),
+        header(
+            Kind::TcpEgress,
+            "10.240.0.2:40001",
+            "[::ffff:203.0.113.7]:80",
+        ),
     );
     add("header", "truncated", v4_egress[..11].to_vec());
     let mut with_payload = v4_egress.clone();
@@ -178,7 +188,11 @@ pub fn seeds() -> Vec<Seed> {
     let mut future = v4_egress.clone();
     future[4] = VERSION + 1;
     add("header", "next-version", future);
-    add("header", "http-request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec());
+    add(
+        "header",
+        "http-request",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+    );
     let mut udp = v4_egress.clone();
     udp[5] = 3;
     add("header", "kind-udp-reserved", udp);
@@ -220,7 +234,11 @@ pub fn seeds() -> Vec<Seed> {
     let request = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n";
     let fin = Some(Chunk::Fin);
     let rst = Some(Chunk::Rst);
-    add("frame", "data-fin", frames(&[], fin, &frame::encode_all(request, fin)));
+    add(
+        "frame",
+        "data-fin",
+        frames(&[], fin, &frame::encode_all(request, fin)),
+    );
     add(
         "frame",
         "data-fin-bytewise",
@@ -241,7 +259,11 @@ pub fn seeds() -> Vec<Seed> {
     }
     let mut small_fin = small.clone();
     small_fin.extend_from_slice(&FIN);
-    add("frame", "small-frames-fin", frames(&[2, 5], fin, &small_fin));
+    add(
+        "frame",
+        "small-frames-fin",
+        frames(&[2, 5], fin, &small_fin),
+    );
     add("frame", "open-no-end", frames(&[4], None, &small));
     let mut cut_header = small.clone();
     cut_header.extend_from_slice(&frame::data_header(9)[..2]);
@@ -249,7 +271,11 @@ pub fn seeds() -> Vec<Seed> {
     let mut cut_max = frame::data_header(MAX_DATA).to_vec();
     cut_max.extend_from_slice(&kib[..100]);
     add("frame", "cut-in-max-data", frames(&[], None, &cut_max));
-    add("frame", "data-too-long", frames(&[], None, &[1, 0, 0x7f, 0xfd, 0]));
+    add(
+        "frame",
+        "data-too-long",
+        frames(&[], None, &[1, 0, 0x7f, 0xfd, 0]),
+    );
     add("frame", "data-empty", frames(&[], None, &[1, 0, 0, 0]));
     let mut after_fin = frame::encode_all(b"x", fin);
     after_fin.extend_from_slice(&frame::encode_all(b"y", None));
@@ -263,10 +289,18 @@ pub fn seeds() -> Vec<Seed> {
         frames(&[], None, &[4, 1, 0, 3, b'a', b'b', b'c']),
     );
     add("frame", "flags-on-rst", frames(&[], rst, &[3, 8, 0, 0]));
-    add("frame", "fin-with-length", frames(&[], fin, &[2, 0, 0, 1, 0]));
+    add(
+        "frame",
+        "fin-with-length",
+        frames(&[], fin, &[2, 0, 0, 1, 0]),
+    );
     let mut error_then_fin = vec![9, 0, 0, 0];
     error_then_fin.extend_from_slice(&FIN);
-    add("frame", "error-then-fin", frames(&[4], fin, &error_then_fin));
+    add(
+        "frame",
+        "error-then-fin",
+        frames(&[4], fin, &error_then_fin),
+    );
     // Round trips of more than one DATA frame, from short inputs.
     add(
         "frame",

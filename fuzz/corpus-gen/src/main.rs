@@ -27,7 +27,12 @@ fn main() -> ExitCode {
             .entry(seed.target)
             .or_default()
             .insert(seed.name.to_string(), seed.bytes);
-        assert!(old.is_none(), "two seeds named {}/{}", seed.target, seed.name);
+        assert!(
+            old.is_none(),
+            "two seeds named {}/{}",
+            seed.target,
+            seed.name
+        );
     }
     let mut stale = 0;
     for (target, seeds) in &by_target {
@@ -43,7 +48,10 @@ fn main() -> ExitCode {
         }
     }
     if stale > 0 {
-        eprintln!("{stale} seed files differ from the generator: run corpus-gen write {}", dir.display());
+        eprintln!(
+            "{stale} seed files differ from the generator: run corpus-gen write {}",
+            dir.display()
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
