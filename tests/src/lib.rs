@@ -37,3 +37,15 @@ pub fn raise_nofile(n: u64) -> u64 {
     let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit").0
 }
+
+/// Runs a test body with a time limit, so a hang fails instead of stalling CI.
+pub async fn bounded<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
+    tokio::time::timeout(std::time::Duration::from_secs(secs), f)
+        .await
+        .expect("test timed out");
+}
+
+/// An address in the "internet" namespace.
+pub fn internet(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from((topology::INTERNET_IP, port))
+}

@@ -152,7 +152,7 @@ impl Topology {
             .command(bin("enclave-proxy").to_str().expect("utf-8 path"));
         cmd.args(&self.enclave_args);
         let log = self.dir.0.join("enclave-proxy.log");
-        if self.enclave_proxy.is_some() || log.exists() {
+        if log.exists() {
             let _ = std::fs::rename(&log, self.dir.0.join("enclave-proxy.previous.log"));
         }
         self.enclave_proxy = Some(Daemon::start("enclave-proxy", cmd, log));

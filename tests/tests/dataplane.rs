@@ -5,26 +5,14 @@
 // These tests time real processes across namespaces, so wall-clock `std::time::Instant` is right here.
 #![allow(clippy::unwrap_used, missing_docs, clippy::disallowed_types)]
 
-use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use enclave_net_tests::require_root;
 use enclave_net_tests::topology::*;
 use enclave_net_tests::traffic::*;
-
-/// Every test is bounded, so a hang fails instead of stalling CI.
-async fn bounded<F: Future<Output = ()>>(secs: u64, f: F) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test timed out");
-}
-
-fn internet(port: u16) -> SocketAddr {
-    SocketAddr::from((INTERNET_IP, port))
-}
+use enclave_net_tests::{bounded, internet, require_root};
 
 /// Test 3's check, reused after garbage and restarts: the enclave reaches the internet.
 async fn egress_works(topo: &Topology, port: u16) {
@@ -133,7 +121,7 @@ async fn t4_egress_failures_fail_at_connect() {
 const BIG: usize = 64 * 1024 * 1024;
 
 async fn check_exchange(
-    connect: impl Future<Output = std::io::Result<tokio::net::TcpStream>>,
+    connect: impl std::future::Future<Output = std::io::Result<tokio::net::TcpStream>>,
     results: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, Hash, usize)>,
     seed: u64,
     len: usize,

@@ -7,7 +7,6 @@
 // These tests time real processes across namespaces, so wall-clock `std::time::Instant` is right here.
 #![allow(clippy::unwrap_used, missing_docs, clippy::disallowed_types)]
 
-use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
@@ -21,7 +20,7 @@ use common::wire::{Header, Kind, Status, STATUS_LEN};
 use enclave_net_tests::netns::{sh, Netns};
 use enclave_net_tests::topology::*;
 use enclave_net_tests::traffic::*;
-use enclave_net_tests::{raise_nofile, require_root};
+use enclave_net_tests::{bounded, internet, raise_nofile, require_root};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -32,17 +31,6 @@ const MIB: usize = 1024 * 1024;
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
 /// The parent's address toward the internet, the source of every egress connection.
 const PARENT_NET_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 1);
-
-/// Every test is bounded, so a hang fails instead of stalling CI.
-async fn bounded<F: Future<Output = ()>>(secs: u64, f: F) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test timed out");
-}
-
-fn internet(port: u16) -> SocketAddr {
-    SocketAddr::from((INTERNET_IP, port))
-}
 
 /// Reads until the stream ends and checks that it ended with a reset (`ECONNRESET`) within
 /// `within`, never a clean end of file. Returns the bytes read before the reset.
@@ -166,12 +154,17 @@ async fn baseline(topo: &Topology) -> Load {
     }
 }
 
-/// Polls for up to `secs` until the load is back to `base`.
+/// Polls for up to `secs` until the load is back to `base`: the same live connections, and no
+/// more descriptors.
 async fn back_to(topo: &Topology, base: Load, secs: u64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let now = load(topo);
-        if now == base {
+        if now.host_live == base.host_live
+            && now.enclave_live == base.enclave_live
+            && now.host_fds <= base.host_fds
+            && now.enclave_fds <= base.enclave_fds
+        {
             return;
         }
         assert!(
@@ -358,15 +351,19 @@ async fn t03_fin_then_rst_leaks_nothing() {
             s
         };
         drop(warm);
+        let aborted = Arc::new(AtomicUsize::new(0));
+        let counted = aborted.clone();
         tokio::spawn(async move {
             let mut i = 0;
             while let Ok((mut s, _)) = listener.accept().await {
                 let gap = fin_rst_gap(i);
                 i += 1;
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     if matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
                         fin_then_rst(s, gap).await;
+                        counted.fetch_add(1, Ordering::Relaxed);
                     }
                 });
             }
@@ -425,6 +422,11 @@ async fn t03_fin_then_rst_leaks_nothing() {
             });
         }
         back_to(&topo, base, 15, "1,000 ingress FIN-then-RST").await;
+        assert_eq!(
+            aborted.load(Ordering::Relaxed),
+            CHURN,
+            "not every ingress connection reached the enclave server"
+        );
         println!(
             "ingress clients whose writes failed (the reset reached them): {} of {CHURN}",
             reset_seen.load(Ordering::Relaxed)
@@ -498,6 +500,11 @@ async fn t04_five_thousand_idle_connections_are_kept() {
         );
         let live = load(&topo);
         println!("while {IDLE} are idle: {live:?}");
+        assert_eq!(
+            (live.host_live.0, live.enclave_live.0),
+            (IDLE as u64, IDLE as u64),
+            "live ingress connections (host-proxy, enclave-proxy) after 20 s idle"
+        );
 
         // None was dropped: each still carries a byte both ways.
         let mut checks = JoinSet::new();
@@ -539,36 +546,18 @@ const PENDING: usize = 2000;
 /// with a MAC no interface has, so no ARP is needed and the far end discards every frame.
 fn black_hole(from: &Netns, ip: IpAddr) -> Netns {
     let hole = Netns::new("h");
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        "hole",
-        "netns",
+    let ip = ip.to_string();
+    let link = format!(
+        "ip link add hole netns {} type veth peer name sink netns {}",
         from.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "sink",
-        "netns",
-        hole.name(),
-    ]);
+        hole.name()
+    );
+    sh(&link.split_whitespace().collect::<Vec<_>>());
     hole.ip(&["link", "set", "sink", "up"]);
     from.ip(&["link", "set", "hole", "up"]);
-    let ip = ip.to_string();
     from.ip(&["route", "add", &ip, "dev", "hole"]);
-    from.ip(&[
-        "neigh",
-        "add",
-        &ip,
-        "lladdr",
-        "02:00:5e:00:de:ad",
-        "dev",
-        "hole",
-        "nud",
-        "permanent",
-    ]);
+    let neigh = format!("neigh add {ip} lladdr 02:00:5e:00:de:ad dev hole nud permanent");
+    from.ip(&neigh.split_whitespace().collect::<Vec<_>>());
     hole
 }
 
@@ -587,6 +576,7 @@ async fn t05_a_black_hole_stalls_no_one_else() {
         }
         // Let the SYNs reach both daemons.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut took_all = Vec::new();
         for probe in 0..3 {
             let socket = topo.enclave.sockets(1, None).unwrap().remove(0);
             let started = Instant::now();
@@ -601,8 +591,10 @@ async fn t05_a_black_hole_stalls_no_one_else() {
                  {PENDING} connects to a black hole were pending\n{}",
                 topo.logs()
             );
+            took_all.push(took);
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+        println!("healthy connects while the black hole was pending: {took_all:?}");
         let mut failed_at_once = 0;
         while let Some(r) = pending.try_join_next() {
             failed_at_once += usize::from(r.unwrap().is_err());
