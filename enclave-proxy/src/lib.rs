@@ -2,9 +2,11 @@
 //!
 //! Layers, from the wire up (smoltcp's `phy/`, `iface/`, `socket/` split is the model):
 //! - [`sys`]: the TUNSETIFF ioctl, the one unsafe block;
-//! - [`tap`]: the TAP device as a smoltcp `Device`, with the SYN filter in front;
+//! - [`tap`]: the TAP device: frames in and out, pooled buffers;
 //! - [`packet`]: sans-IO frame work: spotting SYNs, writing ICMP errors;
 //! - [`netlink`]: addresses, MTU, link state and the default route, over rtnetlink;
+//! - [`shard`]: the stack as many small smoltcp interfaces, so a frame's cost does not grow with
+//!   the number of connections;
 //! - [`stack`]: the single task that owns smoltcp, the sockets and the link streams;
 //! - [`conn`]: one connection's state machine and zero-copy byte pump;
 //! - [`egress`] and [`ingress`]: stream set-up with host-proxy.
@@ -18,6 +20,7 @@ pub mod egress;
 pub mod ingress;
 pub mod netlink;
 pub mod packet;
+pub mod shard;
 pub mod stack;
 pub mod sys;
 pub mod tap;

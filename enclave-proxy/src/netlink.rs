@@ -109,10 +109,18 @@ async fn configure_with(handle: &Handle, tap: &TapConfig) -> Result<(), NetlinkE
     let index = index_of(handle, &tap.name).await?;
     handle
         .link()
-        .set(LinkUnspec::new_with_index(index).mtu(tap.mtu).build())
+        .set(
+            LinkUnspec::new_with_index(index)
+                .mtu(tap.mtu)
+                .address(crate::stack::KERNEL_MAC.0.to_vec())
+                .build(),
+        )
         .execute()
         .await
-        .map_err(request(format!("setting MTU {} on {}", tap.mtu, tap.name)))?;
+        .map_err(request(format!(
+            "setting MTU {} and the MAC on {}",
+            tap.mtu, tap.name
+        )))?;
     match handle
         .address()
         .add(index, IpAddr::V4(tap.address), tap.prefix)

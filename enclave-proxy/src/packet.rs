@@ -17,8 +17,9 @@
 //!   the socket is in SYN-SENT.
 
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv4DstUnreachable,
-    Icmpv4Packet, Icmpv4Repr, IpEndpoint, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpEndpoint, IpProtocol,
+    Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket,
 };
 
 /// A TCP flow as the enclave kernel sees it: its own endpoint and the far endpoint.
@@ -30,12 +31,18 @@ pub struct FlowKey {
     pub remote: IpEndpoint,
 }
 
-/// What a frame from the TAP is, as far as connection set-up is concerned.
+/// What a frame from the TAP is, as far as the stack's dispatch is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
     /// An initial SYN (no ACK) for this flow.
     Syn(FlowKey),
-    /// Anything else: smoltcp handles it.
+    /// Any other TCP segment of this flow.
+    Tcp(FlowKey),
+    /// Another IPv4 packet (ICMP, a fragment, UDP): the control shard's business.
+    Ip,
+    /// ARP: answered by [`arp_reply`] when it asks for the gateway.
+    Arp,
+    /// Anything else (IPv6 neighbour discovery while the TAP is IPv4-only, junk): dropped.
     Other,
 }
 
@@ -44,25 +51,66 @@ pub fn classify(frame: &[u8]) -> Frame {
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Frame::Other;
     };
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return Frame::Other;
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {}
+        EthernetProtocol::Arp => return Frame::Arp,
+        _ => return Frame::Other,
     }
     let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
         return Frame::Other;
     };
     if ip.next_header() != IpProtocol::Tcp || ip.frag_offset() != 0 {
-        return Frame::Other;
+        return Frame::Ip;
     }
     let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
-        return Frame::Other;
+        return Frame::Ip;
     };
-    if !tcp.syn() || tcp.ack() || tcp.rst() || tcp.fin() {
-        return Frame::Other;
-    }
-    Frame::Syn(FlowKey {
+    let key = FlowKey {
         local: IpEndpoint::new(ip.src_addr().into(), tcp.src_port()),
         remote: IpEndpoint::new(ip.dst_addr().into(), tcp.dst_port()),
-    })
+    };
+    if tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin() {
+        Frame::Syn(key)
+    } else {
+        Frame::Tcp(key)
+    }
+}
+
+/// The answer to an ARP request for `gateway`, from `our_mac`; `None` for any other frame. The
+/// stack answers ARP itself, once, for every shard (see [`crate::shard`]).
+pub fn arp_reply(frame: &[u8], our_mac: EthernetAddress, gateway: Ipv4Address) -> Option<Vec<u8>> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let arp = ArpPacket::new_checked(eth.payload()).ok()?;
+    let ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr,
+        source_protocol_addr,
+        target_protocol_addr,
+        ..
+    } = ArpRepr::parse(&arp).ok()?
+    else {
+        return None;
+    };
+    if target_protocol_addr != gateway {
+        return None;
+    }
+    let reply = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: our_mac,
+        source_protocol_addr: gateway,
+        target_hardware_addr: source_hardware_addr,
+        target_protocol_addr: source_protocol_addr,
+    };
+    let eth_repr = EthernetRepr {
+        src_addr: our_mac,
+        dst_addr: source_hardware_addr,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut out = vec![0u8; eth_repr.buffer_len() + reply.buffer_len()];
+    let mut f = EthernetFrame::new_unchecked(&mut out[..]);
+    eth_repr.emit(&mut f);
+    reply.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+    Some(out)
 }
 
 /// Why an egress connection failed, as told to the application by ICMP.
@@ -191,9 +239,15 @@ pub(crate) mod tests {
             classify(&syn_frame(TcpControl::Syn, false)),
             Frame::Syn(key)
         );
-        assert_eq!(classify(&syn_frame(TcpControl::Syn, true)), Frame::Other);
-        assert_eq!(classify(&syn_frame(TcpControl::None, true)), Frame::Other);
-        assert_eq!(classify(&syn_frame(TcpControl::Rst, false)), Frame::Other);
+        assert_eq!(classify(&syn_frame(TcpControl::Syn, true)), Frame::Tcp(key));
+        assert_eq!(
+            classify(&syn_frame(TcpControl::None, true)),
+            Frame::Tcp(key)
+        );
+        assert_eq!(
+            classify(&syn_frame(TcpControl::Rst, false)),
+            Frame::Tcp(key)
+        );
         assert_eq!(classify(&[0u8; 10]), Frame::Other);
         assert_eq!(classify(&[]), Frame::Other);
     }
@@ -216,5 +270,54 @@ pub(crate) mod tests {
         assert_eq!(quoted.len(), 20 + 8);
         assert_eq!(&quoted[16..20], &[93, 184, 216, 34]);
         assert_eq!(&quoted[20..24], &[0x9c, 0x40, 0x01, 0xbb]);
+    }
+
+    #[test]
+    fn arp_for_the_gateway_is_answered_and_nothing_else() {
+        let gw = Ipv4Address::new(10, 240, 0, 1);
+        let ask = |target: Ipv4Address| {
+            let repr = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: APP_MAC,
+                source_protocol_addr: Ipv4Address::new(10, 240, 0, 2),
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: target,
+            };
+            let eth = EthernetRepr {
+                src_addr: APP_MAC,
+                dst_addr: EthernetAddress::BROADCAST,
+                ethertype: EthernetProtocol::Arp,
+            };
+            let mut out = vec![0u8; 14 + repr.buffer_len()];
+            let mut f = EthernetFrame::new_unchecked(&mut out[..]);
+            eth.emit(&mut f);
+            repr.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+            out
+        };
+        let request = ask(gw);
+        assert_eq!(classify(&request), Frame::Arp);
+        let reply = arp_reply(&request, OUR_MAC, gw).unwrap();
+        let eth = EthernetFrame::new_checked(&reply[..]).unwrap();
+        assert_eq!(eth.dst_addr(), APP_MAC);
+        let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap();
+        assert_eq!(
+            arp,
+            ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: OUR_MAC,
+                source_protocol_addr: gw,
+                target_hardware_addr: APP_MAC,
+                target_protocol_addr: Ipv4Address::new(10, 240, 0, 2),
+            }
+        );
+        assert_eq!(
+            arp_reply(&ask(Ipv4Address::new(10, 240, 0, 3)), OUR_MAC, gw),
+            None
+        );
+        assert_eq!(
+            arp_reply(&reply, OUR_MAC, gw),
+            None,
+            "replies are not answered"
+        );
     }
 }

@@ -1,15 +1,17 @@
 //! The stack loop: one task owns the smoltcp interface, its sockets, the TAP device and every
 //! connection's link stream (embassy-net's runner is the model; nothing here is behind a lock).
 //!
-//! Each turn of the loop:
+//! The stack is sharded ([`crate::shard`]): many small smoltcp interfaces, so that the cost of a
+//! frame does not grow with the number of connections. Each turn of the loop:
 //! 1. takes events from the other tasks: host-proxy's answers for held SYNs, and accepted
 //!    ingress streams;
-//! 2. polls smoltcp, which reads a bounded burst of frames from the TAP (passing them through
-//!    the SYN filter in [`crate::tap`]) and sends what the sockets have queued;
+//! 2. reads a bounded burst of frames from the TAP and dispatches each: a new SYN is held (the
+//!    SYN filter), a segment of a known flow goes to its connection's shard, ARP for the gateway
+//!    is answered, anything else goes to the control shard;
 //! 3. opens a stream to host-proxy for each new SYN;
 //! 4. services only the connections whose waker fired;
-//! 5. polls smoltcp's egress again, so what step 4 queued goes out at once;
-//! 6. sleeps until the TAP is readable, a waker fires, an event arrives or smoltcp's next timer.
+//! 5. polls, for transmit, only the shards that changed or have a timer due;
+//! 6. sleeps until the TAP is readable, a waker fires, an event arrives or the next shard timer.
 //!
 //! # How ingress injects a connection
 //!
@@ -36,19 +38,45 @@ use common::metrics::Counters;
 use common::transport::{LinkAddr, Stream};
 use common::wire::{Header, Kind, Status};
 use futures::FutureExt;
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, CongestionControl};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{EthernetAddress, IpAddress, IpEndpoint};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::conn::{Conn, ConnState, Outcome};
-use crate::packet::{icmp_unreachable, FlowKey, Unreachable};
-use crate::tap::{HeldSyn, Tap, RX_BUDGET};
+use crate::packet::{arp_reply, classify, icmp_unreachable, FlowKey, Frame, Unreachable};
+use crate::shard::{ConnId, Shards};
+use crate::tap::{Tap, ETH_HEADER, RX_BUDGET};
 
 /// The stack's MAC on the TAP: locally administered, fixed, so ARP caches survive restarts.
 pub const STACK_MAC: EthernetAddress = EthernetAddress([0x02, 0x65, 0x6e, 0x65, 0x74, 0x01]);
+/// The enclave kernel's MAC on the TAP, which enclave-proxy sets when it configures the TAP: the
+/// stack sends to it without ever asking ARP.
+pub const KERNEL_MAC: EthernetAddress = EthernetAddress([0x02, 0x65, 0x6e, 0x65, 0x74, 0x02]);
+
+/// Sockets per shard. Each frame costs a walk of one shard's sockets, and each shard costs one
+/// smoltcp interface (a few hundred bytes) and one look per loop turn at its timer: with 32, the
+/// walk stays short and 16,384 connections make 512 shards.
+pub const SHARD_SOCKETS: usize = 32;
+
+/// Where a flow is in its life, as the SYN filter needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Waiting on host-proxy: the first SYN is held and retransmissions are dropped.
+    Pending,
+    /// Has a smoltcp socket: every frame goes to its shard.
+    Active(ConnId),
+}
+
+/// A SYN held while host-proxy is asked for the connection.
+#[derive(Debug)]
+pub struct HeldSyn {
+    /// The flow it opens.
+    pub key: FlowKey,
+    /// The Ethernet frame, to replay into smoltcp or to quote in an ICMP error.
+    pub frame: Vec<u8>,
+}
 
 /// Ports the stack picks from when it must source an ingress connection from the gateway.
 const GATEWAY_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
@@ -101,16 +129,16 @@ pub struct Settings {
     pub max_pending_per_destination: usize,
 }
 
-/// Socket handles whose connections want servicing, and the wake-up for the stack task.
+/// Connections that want servicing, and the wake-up for the stack task.
 #[derive(Debug, Default)]
 struct ReadyQueue {
-    list: Mutex<Vec<SocketHandle>>,
+    list: Mutex<Vec<ConnId>>,
     notify: Notify,
 }
 
-/// A connection's waker: queues its handle once until the stack services it.
+/// A connection's waker: queues its id once until the stack services it.
 struct ConnWaker {
-    handle: SocketHandle,
+    handle: ConnId,
     queue: Arc<ReadyQueue>,
     queued: AtomicBool,
 }
@@ -137,14 +165,17 @@ struct Entry {
 
 /// The stack task's state.
 pub struct Stack {
-    iface: Interface,
-    sockets: SocketSet<'static>,
+    shards: Shards,
     tap: Tap,
-    conns: HashMap<SocketHandle, Entry>,
+    conns: HashMap<ConnId, Entry>,
+    /// Every flow with a pending stream or a socket.
+    flows: HashMap<FlowKey, Flow>,
+    /// New SYNs seen since the stack last looked (at most one read budget's worth): the stack
+    /// applies its caps to each and fails the ones past them at once, never silently.
+    held: Vec<HeldSyn>,
     queue: Arc<ReadyQueue>,
     events: mpsc::Receiver<Event>,
     events_tx: mpsc::Sender<Event>,
-    dying: Vec<SocketHandle>,
     settings: Settings,
     epoch: Instant,
     next_port: u16,
@@ -167,29 +198,22 @@ impl Stack {
         counters: Arc<Counters>,
     ) -> (Stack, mpsc::Sender<Event>) {
         let epoch = Instant::now();
-        let mut config = IfaceConfig::new(HardwareAddress::Ethernet(STACK_MAC));
-        config.random_seed = std::time::SystemTime::now()
+        let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x656e6574, |d| d.as_nanos() as u64);
-        let mut iface = Interface::new(config, &mut tap, smoltcp::time::Instant::ZERO);
         let (_, prefix) = settings.address;
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(settings.gateway), prefix));
-        });
-        // Any-IP: accept packets for every destination routed through our own address, which
-        // the default route below makes every destination.
-        iface.set_any_ip(true);
-        let _ = iface.routes_mut().add_default_ipv4_route(settings.gateway);
+        let (_, mut wire) = tap.split(STACK_MAC, KERNEL_MAC);
+        let shards = Shards::new(settings.gateway, prefix, SHARD_SOCKETS, seed, &mut wire);
         let (events_tx, events) = mpsc::channel(1024);
         let stack = Stack {
-            iface,
-            sockets: SocketSet::new(Vec::new()),
+            shards,
             tap,
             conns: HashMap::new(),
+            flows: HashMap::new(),
+            held: Vec::new(),
             queue: Arc::new(ReadyQueue::default()),
             events,
             events_tx: events_tx.clone(),
-            dying: Vec::new(),
             settings,
             epoch,
             next_port: *GATEWAY_PORTS.start(),
@@ -207,10 +231,64 @@ impl Stack {
         smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
-    fn poll(&mut self) {
+    /// Reads a bounded burst of frames from the TAP and hands each to where it belongs.
+    fn receive(&mut self) {
         let now = self.now();
-        self.tap.rx_budget = RX_BUDGET;
-        self.iface.poll(now, &mut self.tap, &mut self.sockets);
+        for _ in 0..RX_BUDGET {
+            if self.tap.rx_blocked {
+                return;
+            }
+            let Some(range) = self.tap.read() else {
+                return;
+            };
+            let (rx, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
+            let frame = &rx[range];
+            let packet = &frame[ETH_HEADER..];
+            let shard = match classify(frame) {
+                Frame::Syn(key) => match self.flows.get(&key) {
+                    Some(Flow::Active(id)) => Some(id.shard),
+                    // A retransmission while host-proxy is asked: the first one is held.
+                    Some(Flow::Pending) => continue,
+                    None => {
+                        self.flows.insert(key, Flow::Pending);
+                        self.held.push(HeldSyn {
+                            key,
+                            frame: frame.to_vec(),
+                        });
+                        continue;
+                    }
+                },
+                Frame::Tcp(key) => match self.flows.get(&key) {
+                    Some(Flow::Active(id)) => Some(id.shard),
+                    _ => None,
+                },
+                Frame::Ip => None,
+                Frame::Arp => {
+                    if let Some(reply) = arp_reply(frame, STACK_MAC, self.settings.gateway) {
+                        self.tap.send_raw(&reply);
+                    }
+                    continue;
+                }
+                Frame::Other => continue,
+            };
+            self.shards.receive(shard, packet, now, &mut wire);
+        }
+    }
+
+    /// Sends what the shards that changed have queued, and fires due timers.
+    fn transmit(&mut self) {
+        let now = self.now();
+        let (_, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
+        self.shards.poll(now, &mut wire);
+    }
+
+    /// Hands one held frame to a shard (the control shard for `None`) at once.
+    fn replay(&mut self, shard: Option<u32>, frame: &[u8]) {
+        let now = self.now();
+        let (_, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
+        if let Some(packet) = frame.get(ETH_HEADER..) {
+            self.shards.receive(shard, packet, now, &mut wire);
+        }
     }
 
     /// Runs until `shutdown` resolves.
@@ -222,28 +300,21 @@ impl Stack {
             while let Ok(event) = self.events.try_recv() {
                 self.handle_event(event);
             }
-            self.poll();
-            for held in std::mem::take(&mut self.tap.held) {
+            self.receive();
+            for held in std::mem::take(&mut self.held) {
                 self.start_egress(held);
             }
-            self.reap();
             let ready = self
                 .queue
                 .list
                 .lock()
                 .map(|mut l| std::mem::take(&mut *l))
                 .unwrap_or_default();
-            let serviced = !ready.is_empty();
-            for handle in ready {
-                self.service(handle);
+            for id in ready {
+                self.service(id);
             }
-            if serviced {
-                let now = self.now();
-                self.iface
-                    .poll_egress(now, &mut self.tap, &mut self.sockets);
-            }
+            self.transmit();
             let busy = !self.tap.rx_blocked
-                || !self.tap.inject.is_empty()
                 || self
                     .queue
                     .list
@@ -265,10 +336,10 @@ impl Stack {
             }
             let now = self.now();
             let delay = self
-                .iface
-                .poll_delay(now, &self.sockets)
-                .map_or(Duration::from_secs(3600), |d| {
-                    Duration::from_micros(d.total_micros())
+                .shards
+                .poll_at()
+                .map_or(Duration::from_secs(3600), |at| {
+                    Duration::from_micros((at - now.min(at)).total_micros())
                 });
             tokio::select! {
                 biased;
@@ -288,6 +359,7 @@ impl Stack {
         }
         info!(
             connections = self.conns.len(),
+            shards = self.shards.count(),
             tap.tx_dropped = self.tap.tx_dropped,
             "stack stopped"
         );
@@ -325,7 +397,7 @@ impl Stack {
             // Fail the application's connect() at once rather than drop its SYN.
             debug!(parent: &span, "{why}; failing the connect");
             Counters::bump(&self.counters.capped);
-            self.tap.forget(&held.key);
+            self.flows.remove(&held.key);
             self.fail_syn(held.frame, Status::Unreachable);
             return;
         }
@@ -364,42 +436,42 @@ impl Stack {
             Err(status) => {
                 debug!(parent: &span, "egress failed: {status}");
                 self.counters.failure(status);
-                self.tap.forget(&key);
+                self.flows.remove(&key);
                 self.fail_syn(held.frame, status);
                 return;
             }
         };
-        let handle = self.sockets.add(self.new_socket());
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-        if let Err(e) = socket.listen(key.remote) {
+        let (_, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
+        let id = self.shards.add(new_socket(self.settings.buffer), &mut wire);
+        if let Err(e) = self.shards.socket_mut(id).listen(key.remote) {
             common::warn_limited!("cannot listen on {}: {e}", key.remote);
-            self.sockets.remove(handle);
-            self.tap.forget(&key);
+            self.shards.remove_now(id);
+            self.flows.remove(&key);
             self.fail_syn(held.frame, Status::Unreachable);
             return;
         }
-        self.tap.activate(key);
-        self.tap.inject.push_back(held.frame);
-        // Process the replayed SYN now, so that this listening socket binds to this flow before
-        // any other socket could listen on the same destination.
-        self.poll();
-        let socket = self.sockets.get::<tcp::Socket>(handle);
+        self.flows.insert(key, Flow::Active(id));
+        // Process the replayed SYN now, in the socket's own shard, where it is the only socket
+        // listening on this destination.
+        self.replay(Some(id.shard), &held.frame);
+        let socket = self.shards.socket(id);
         if socket.remote_endpoint() != Some(key.local) {
             common::warn_limited!(state = %socket.state(), "replayed SYN was not taken");
-            self.sockets.remove(handle);
-            self.tap.forget(&key);
+            self.shards.socket_mut(id).abort();
+            self.shards.remove_later(id);
+            self.flows.remove(&key);
             return;
         }
         Counters::bump(&self.counters.opened);
         debug!(parent: &span, "destination connected; completing the enclave handshake");
-        self.add_conn(handle, link, key, Kind::TcpEgress, span);
+        self.add_conn(id, link, key, Kind::TcpEgress, span);
     }
 
     /// Makes the application's connect fail: RST for `refused`, ICMP otherwise.
     fn fail_syn(&mut self, frame: Vec<u8>, status: Status) {
         match status {
-            // With no socket listening, smoltcp answers the replayed SYN with a RST.
-            Status::Refused => self.tap.inject.push_back(frame),
+            // With no socket listening, the control shard answers the replayed SYN with a RST.
+            Status::Refused => self.replay(None, &frame),
             other => {
                 let why = if other == Status::Denied {
                     Unreachable::Prohibited
@@ -434,22 +506,22 @@ impl Stack {
             local: remote,
             remote: source,
         };
-        if self.tap.flows.contains_key(&key) {
+        if self.flows.contains_key(&key) {
             debug!(parent: &span, "duplicate ingress flow from {}", header.src);
             return refuse(link, Status::BadRequest, &self.counters);
         }
-        let handle = self.sockets.add(self.new_socket());
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-        if let Err(e) = socket.connect(self.iface.context(), remote, source) {
+        let (_, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
+        let id = self.shards.add(new_socket(self.settings.buffer), &mut wire);
+        if let Err(e) = self.shards.connect(id, remote, source) {
             common::warn_limited!("cannot connect {source} -> {remote}: {e}");
-            self.sockets.remove(handle);
+            self.shards.remove_now(id);
             return refuse(link, Status::BadRequest, &self.counters);
         }
         if source.addr == IpAddress::Ipv4(self.settings.gateway) {
             debug!(parent: &span, %source, "client cannot be a source on the TAP; using the gateway");
         }
-        self.tap.activate(key);
-        self.add_conn(handle, link, key, Kind::TcpIngress, span);
+        self.flows.insert(key, Flow::Active(id));
+        self.add_conn(id, link, key, Kind::TcpIngress, span);
     }
 
     /// The source for an ingress connection: the real client if the enclave kernel routes it
@@ -474,7 +546,7 @@ impl Stack {
                 port + 1
             };
             let candidate = IpEndpoint::new(gateway, port);
-            if !self.tap.flows.contains_key(&FlowKey {
+            if !self.flows.contains_key(&FlowKey {
                 local: remote,
                 remote: candidate,
             }) {
@@ -484,18 +556,7 @@ impl Stack {
         None
     }
 
-    fn new_socket(&self) -> tcp::Socket<'static> {
-        new_socket(self.settings.buffer)
-    }
-
-    fn add_conn(
-        &mut self,
-        handle: SocketHandle,
-        link: Stream,
-        key: FlowKey,
-        kind: Kind,
-        span: Span,
-    ) {
+    fn add_conn(&mut self, handle: ConnId, link: Stream, key: FlowKey, kind: Kind, span: Span) {
         let waker = Arc::new(ConnWaker {
             handle,
             queue: self.queue.clone(),
@@ -508,12 +569,12 @@ impl Stack {
         self.service(handle);
     }
 
-    fn service(&mut self, handle: SocketHandle) {
+    fn service(&mut self, handle: ConnId) {
         let Some(entry) = self.conns.get_mut(&handle) else {
             return;
         };
         entry.waker.queued.store(false, Ordering::Release);
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let socket = self.shards.socket_mut(handle);
         let was_connecting = matches!(entry.conn.state, ConnState::Connecting { .. });
         let outcome = entry.conn.pump(socket, Instant::now(), &mut self.scratch);
         if was_connecting
@@ -544,8 +605,8 @@ impl Stack {
                 debug!(parent: &span, "enclave answered {status}");
                 self.counters.failure(status);
                 crate::ingress::refuse(conn.link, status, span);
-                self.dying.push(handle);
-                self.tap.forget(&conn.key);
+                self.shards.remove_later(handle);
+                self.flows.remove(&conn.key);
                 return;
             }
             Outcome::Keep => {}
@@ -556,24 +617,17 @@ impl Stack {
         self.counters
             .bytes_from_enclave
             .fetch_add(conn.from_app, Ordering::Relaxed);
-        self.tap.forget(&conn.key);
-        // The socket stays until the next poll has sent whatever it still owes (a RST after
-        // abort, the last ACK).
-        self.dying.push(handle);
-    }
-
-    /// Removes sockets whose connections ended before the last poll.
-    fn reap(&mut self) {
-        for handle in self.dying.drain(..) {
-            self.sockets.remove(handle);
-        }
+        self.flows.remove(&conn.key);
+        // The socket stays until its shard's next poll has sent whatever it still owes (a RST
+        // after abort, the last ACK).
+        self.shards.remove_later(handle);
     }
 
     /// Services connections whose set-up or drain deadline has passed, so that it is enforced
     /// even if nothing else wakes them.
     fn check_deadlines(&mut self) {
         let now = Instant::now();
-        let due: Vec<SocketHandle> = self
+        let due: Vec<ConnId> = self
             .conns
             .iter()
             .filter(|(_, e)| e.conn.deadline().is_some_and(|d| d <= now))

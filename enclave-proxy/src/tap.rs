@@ -1,19 +1,21 @@
-//! The TAP device as a smoltcp [`Device`], with the SYN filter in front of the stack.
+//! The TAP device: frames in and out, with pooled buffers.
 //!
 //! Buffers are allocated once: one receive buffer and one transmit buffer of a full frame each,
 //! reused for every packet. Each buffer starts with the `virtio_net_hdr` the TAP exchanges: on
-//! transmit it is written once, marking every frame's checksums valid; on receive it is skipped. Reads and writes are non-blocking; an error is counted and logged,
-//! never a panic (smoltcp's own `TunTapInterface` allocates per packet and panics on errors).
+//! transmit it is written once, marking every frame's checksums valid; on receive it is skipped.
+//! Reads and writes are non-blocking; an error is counted and logged (rate-limited), never a
+//! panic (smoltcp's own `TunTapInterface` allocates per packet and panics on errors).
+//!
+//! The shards speak IP ([`crate::shard`]); [`TapWire`] puts each of their packets in an Ethernet
+//! frame from the stack's MAC to the enclave kernel's, whose MAC enclave-proxy sets itself.
 
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
 
-use smoltcp::phy::{self, Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
-use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, EthernetProtocol};
 use tokio::io::unix::AsyncFd;
 
-use crate::packet::{classify, FlowKey, Frame};
+use crate::shard::Wire;
 use crate::sys::{VNET_HDR_F_DATA_VALID, VNET_HDR_LEN};
 
 /// Ethernet header length.
@@ -22,24 +24,6 @@ pub const ETH_HEADER: usize = 14;
 /// Frames read from the TAP per stack iteration before connections get serviced again.
 pub const RX_BUDGET: usize = 256;
 
-/// Where a flow is in its life, as the SYN filter needs to know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowState {
-    /// Waiting on host-proxy: the first SYN is held and retransmissions are dropped.
-    Pending,
-    /// Has a smoltcp socket: every frame goes to smoltcp.
-    Active,
-}
-
-/// A SYN held while host-proxy is asked for the connection.
-#[derive(Debug)]
-pub struct HeldSyn {
-    /// The flow it opens.
-    pub key: FlowKey,
-    /// The frame, to replay into smoltcp or to quote in an ICMP error.
-    pub frame: Vec<u8>,
-}
-
 /// The TAP device.
 #[derive(Debug)]
 pub struct Tap {
@@ -47,19 +31,20 @@ pub struct Tap {
     mtu: usize,
     rx: Box<[u8]>,
     tx: Box<[u8]>,
-    /// Frames to hand to smoltcp before reading the TAP again (replayed SYNs).
-    pub inject: VecDeque<Vec<u8>>,
-    /// Every flow with a pending stream or a socket.
-    pub flows: HashMap<FlowKey, FlowState>,
-    /// New SYNs seen since the stack last looked (at most one read budget's worth): the stack
-    /// applies its caps to each and fails the ones past them at once, never silently.
-    pub held: Vec<HeldSyn>,
-    /// Frames left in this iteration's read budget.
-    pub rx_budget: usize,
     /// The last read found the TAP empty: wait for readiness before reading again.
     pub rx_blocked: bool,
     /// Frames that could not be written to the TAP.
     pub tx_dropped: u64,
+}
+
+/// What the TAP sends shard packets with: the transmit half of a [`Tap`].
+pub struct TapWire<'a> {
+    file: &'a File,
+    mtu: usize,
+    tx: &'a mut [u8],
+    dropped: &'a mut u64,
+    src: EthernetAddress,
+    dst: EthernetAddress,
 }
 
 impl Tap {
@@ -73,10 +58,6 @@ impl Tap {
             mtu,
             rx: vec![0u8; frame].into_boxed_slice(),
             tx,
-            inject: VecDeque::new(),
-            flows: HashMap::new(),
-            held: Vec::new(),
-            rx_budget: RX_BUDGET,
             rx_blocked: false,
             tx_dropped: 0,
         })
@@ -91,7 +72,41 @@ impl Tap {
         Ok(())
     }
 
-    /// Writes one frame straight to the TAP (for frames smoltcp does not make).
+    /// Reads one frame; returns the Ethernet frame's range in [`Tap::split`]'s buffer, or
+    /// `None` (and sets `rx_blocked`) when the TAP is empty or failed.
+    pub fn read(&mut self) -> Option<std::ops::Range<usize>> {
+        loop {
+            let mut file = self.fd.get_ref();
+            match file.read(&mut self.rx) {
+                Ok(n) if n > VNET_HDR_LEN + ETH_HEADER => return Some(VNET_HDR_LEN..n),
+                Ok(_) => continue,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        common::warn_limited!("TAP read failed: {e}");
+                    }
+                    self.rx_blocked = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The receive buffer, and the transmit half for packets from `src` to `dst`.
+    pub fn split(&mut self, src: EthernetAddress, dst: EthernetAddress) -> (&[u8], TapWire<'_>) {
+        (
+            &self.rx,
+            TapWire {
+                file: self.fd.get_ref(),
+                mtu: self.mtu,
+                tx: &mut self.tx,
+                dropped: &mut self.tx_dropped,
+                src,
+                dst,
+            },
+        )
+    }
+
+    /// Writes one Ethernet frame straight to the TAP (ICMP errors, ARP replies).
     pub fn send_raw(&mut self, frame: &[u8]) {
         let Some(buf) = self.tx.get_mut(..VNET_HDR_LEN + frame.len()) else {
             self.tx_dropped += 1;
@@ -100,15 +115,32 @@ impl Tap {
         buf[VNET_HDR_LEN..].copy_from_slice(frame);
         write_frame(self.fd.get_ref(), buf, &mut self.tx_dropped);
     }
+}
 
-    /// Marks a held flow as having a socket now.
-    pub fn activate(&mut self, key: FlowKey) {
-        self.flows.insert(key, FlowState::Active);
+impl Wire for TapWire<'_> {
+    fn tx_buffer(&mut self, len: usize) -> &mut [u8] {
+        let at = VNET_HDR_LEN + ETH_HEADER;
+        let end = (at + len).min(self.tx.len());
+        &mut self.tx[at..end]
     }
 
-    /// Forgets a flow (its socket is gone, or its set-up failed).
-    pub fn forget(&mut self, key: &FlowKey) {
-        self.flows.remove(key);
+    fn send(&mut self, len: usize) {
+        let at = VNET_HDR_LEN + ETH_HEADER;
+        let end = (at + len).min(self.tx.len());
+        // The virtio header was written once, at creation; the Ethernet header is filled here.
+        let ethertype = match self.tx.get(at).map(|b| b >> 4) {
+            Some(6) => EthernetProtocol::Ipv6,
+            _ => EthernetProtocol::Ipv4,
+        };
+        let eth = &mut self.tx[VNET_HDR_LEN..at];
+        eth[..6].copy_from_slice(self.dst.as_bytes());
+        eth[6..12].copy_from_slice(self.src.as_bytes());
+        eth[12..].copy_from_slice(&u16::from(ethertype).to_be_bytes());
+        write_frame(self.file, &self.tx[..end], self.dropped);
+    }
+
+    fn mtu(&self) -> usize {
+        self.mtu
     }
 }
 
@@ -126,112 +158,5 @@ fn write_frame(file: &File, frame: &[u8], dropped: &mut u64) {
                 common::warn_limited!("TAP write failed: {e}");
             }
         }
-    }
-}
-
-/// A received frame: borrowed from the device's buffer, or a replayed SYN.
-pub enum RxToken<'a> {
-    /// Read from the TAP into the device buffer.
-    Borrowed(&'a [u8]),
-    /// A replayed frame.
-    Owned(Vec<u8>),
-}
-
-impl phy::RxToken for RxToken<'_> {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        match self {
-            RxToken::Borrowed(b) => f(b),
-            RxToken::Owned(v) => f(&v),
-        }
-    }
-}
-
-/// Transmits into the device's one transmit buffer, then writes it to the TAP.
-pub struct TxToken<'a> {
-    file: &'a File,
-    buf: &'a mut [u8],
-    dropped: &'a mut u64,
-}
-
-impl phy::TxToken for TxToken<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let len = (VNET_HDR_LEN + len).min(self.buf.len());
-        let buf = &mut self.buf[..len];
-        // The header before the frame was written once, at creation.
-        let r = f(&mut buf[VNET_HDR_LEN..]);
-        write_frame(self.file, buf, self.dropped);
-        r
-    }
-}
-
-impl Device for Tap {
-    type RxToken<'a> = RxToken<'a>;
-    type TxToken<'a> = TxToken<'a>;
-
-    fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
-        let frame = match self.inject.pop_front() {
-            Some(f) => RxToken::Owned(f),
-            None => loop {
-                if self.rx_budget == 0 || self.rx_blocked {
-                    return None;
-                }
-                self.rx_budget -= 1;
-                let mut file = self.fd.get_ref();
-                let n = match file.read(&mut self.rx) {
-                    Ok(n) if n > VNET_HDR_LEN + ETH_HEADER => n,
-                    Ok(_) => continue,
-                    Err(e) => {
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            common::warn_limited!("TAP read failed: {e}");
-                        }
-                        self.rx_blocked = true;
-                        return None;
-                    }
-                };
-                let frame = VNET_HDR_LEN..n;
-                let Frame::Syn(key) = classify(&self.rx[frame.clone()]) else {
-                    break RxToken::Borrowed(&self.rx[frame]);
-                };
-                match self.flows.get(&key) {
-                    Some(FlowState::Active) => break RxToken::Borrowed(&self.rx[frame]),
-                    Some(FlowState::Pending) => continue,
-                    None => {
-                        self.flows.insert(key, FlowState::Pending);
-                        self.held.push(HeldSyn {
-                            key,
-                            frame: self.rx[frame].to_vec(),
-                        });
-                    }
-                }
-            },
-        };
-        let tx = TxToken {
-            file: self.fd.get_ref(),
-            buf: &mut self.tx,
-            dropped: &mut self.tx_dropped,
-        };
-        Some((frame, tx))
-    }
-
-    fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
-        Some(TxToken {
-            file: self.fd.get_ref(),
-            buf: &mut self.tx,
-            dropped: &mut self.tx_dropped,
-        })
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu + ETH_HEADER;
-        // Frames from the TAP never crossed a wire, and with checksum offload the kernel leaves
-        // their TCP checksums partial, so they are not verified. Frames we send carry correct
-        // checksums (they are marked valid in the virtio header, and must be).
-        let mut checksum = ChecksumCapabilities::default();
-        checksum.ipv4 = Checksum::Tx;
-        checksum.tcp = Checksum::Tx;
-        caps.checksum = checksum;
-        caps
     }
 }
