@@ -23,6 +23,33 @@ use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 /// The largest single write to a stream (DESIGN.md: cap every vsock write at 32 KiB).
 pub const MAX_WRITE: usize = 32 * 1024;
 
+/// The default vsock buffer for link streams, in bytes.
+///
+/// vsock's own default (and maximum) is 256 KiB. That is about one bandwidth-delay product at
+/// Nitro's published ~12 Gbit/s per stream and ~124 µs median round trip, so any hiccup in
+/// credit updates stalls the sender; raising it to 8 MiB fixed stalled bulk uploads in another
+/// project (DESIGN.md). 2 MiB is four times the p99-round-trip BDP (12.7 Gbit/s × 263 µs ≈
+/// 420 KB), while bounding what a stalled stream can pin in kernel memory: the receiving daemon
+/// reads a link only as fast as its TCP peer takes the bytes, so up to this much can wait per
+/// stream. `--vsock-buffer-kib` changes it.
+pub const DEFAULT_VSOCK_BUFFER: u64 = 2 * 1024 * 1024;
+
+static VSOCK_BUFFER: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_VSOCK_BUFFER);
+
+/// Sets the buffer every vsock link stream made from now on gets (see [`DEFAULT_VSOCK_BUFFER`]).
+pub fn set_vsock_buffer(bytes: u64) {
+    VSOCK_BUFFER.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Applies the vsock buffer to a socket; failing costs only speed, so it is logged, not fatal.
+fn tune_vsock(fd: std::os::fd::BorrowedFd<'_>) {
+    let bytes = VSOCK_BUFFER.load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = crate::sys::set_vsock_buffer(fd, bytes) {
+        crate::warn_limited!("cannot set the vsock buffer to {bytes} bytes: {e}");
+    }
+}
+
 /// Where the other daemon is, or where to wait for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkAddr {
@@ -93,9 +120,11 @@ impl LinkAddr {
     /// Opens a stream to this address.
     pub async fn connect(&self) -> io::Result<Stream> {
         match self {
-            LinkAddr::Vsock { cid, port } => Ok(Stream::Vsock(
-                VsockStream::connect(VsockAddr::new(*cid, *port)).await?,
-            )),
+            LinkAddr::Vsock { cid, port } => {
+                let s = VsockStream::connect(VsockAddr::new(*cid, *port)).await?;
+                tune_vsock(std::os::fd::AsFd::as_fd(&s));
+                Ok(Stream::Vsock(s))
+            }
             LinkAddr::Unix(path) => Ok(Stream::Unix(tune_unix(UnixStream::connect(path).await?))),
         }
     }
@@ -106,9 +135,12 @@ impl LinkAddr {
     /// process still accepts on it) makes this fail with `AddrInUse`.
     pub async fn listen(&self) -> io::Result<Listener> {
         match self {
-            LinkAddr::Vsock { cid, port } => Ok(Listener::Vsock(VsockListener::bind(
-                VsockAddr::new(*cid, *port),
-            )?)),
+            LinkAddr::Vsock { cid, port } => {
+                let l = VsockListener::bind(VsockAddr::new(*cid, *port))?;
+                // Accepted streams inherit the listener's buffer size.
+                tune_vsock(std::os::fd::AsFd::as_fd(&l));
+                Ok(Listener::Vsock(l))
+            }
             LinkAddr::Unix(path) => {
                 if path.exists() {
                     match UnixStream::connect(path).await {
@@ -156,6 +188,7 @@ impl Listener {
         match self {
             Listener::Vsock(l) => {
                 let (s, peer) = l.accept().await?;
+                tune_vsock(std::os::fd::AsFd::as_fd(&s));
                 Ok((
                     Stream::Vsock(s),
                     format!("vsock:{}:{}", peer.cid(), peer.port()),

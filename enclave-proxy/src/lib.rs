@@ -64,6 +64,7 @@ pub enum StartError {
 /// Runs enclave-proxy until SIGTERM or SIGINT. Must run on a current-thread runtime: the stack
 /// task and its helpers share one thread, so wakers never cross threads.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    common::transport::set_vsock_buffer(config.vsock_buffer_kib * 1024);
     config.validate().map_err(StartError::Config)?;
     // One descriptor per connection (its link stream), plus the TAP, sockets and a margin.
     let need = config.max_ingress.saturating_add(config.max_egress) as u64 + 64;

@@ -73,6 +73,12 @@ pub struct Config {
     #[arg(long, default_value = "1")]
     pub threads: usize,
 
+    /// Buffer of each vsock link stream, in KiB: the credit it grants the other daemon. vsock's
+    /// own default, 256 KiB, stalls multi-gigabit streams; see the README for the choice.
+    /// Ignored on unix: links.
+    #[arg(long, value_name = "KIB", default_value = "2048", value_parser = clap::value_parser!(u64).range(64..=65536))]
+    pub vsock_buffer_kib: u64,
+
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: LogFormat,

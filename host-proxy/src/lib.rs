@@ -73,6 +73,7 @@ pub enum StartError {
 
 /// Runs host-proxy until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    common::transport::set_vsock_buffer(config.vsock_buffer_kib * 1024);
     let mut rules = config.allow.clone();
     rules.extend(config.deny.iter().cloned());
     let shared = Arc::new(Shared {
