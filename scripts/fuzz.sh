@@ -11,8 +11,7 @@
 #   FUZZ_WORK           where new corpus entries go (default fuzz/target/corpus, ignored by git):
 #                       the committed seeds in fuzz/corpus/TARGET are only read, and what a run
 #                       learns is kept there for the next run on this machine.
-#   FUZZ_FEATURES       features of the fuzz crate to enable, e.g. error-latch (the frame
-#                       target's stricter check, see fuzz/fuzz_targets/frame.rs).
+#   FUZZ_FEATURES       features of the fuzz crate to enable (none yet).
 #   FUZZ_CHECK_CORPUS=1 first check that the committed seeds are what fuzz/corpus-gen makes
 #                       (a wire change can make them stale; costs one more build).
 #

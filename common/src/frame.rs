@@ -120,6 +120,8 @@ pub struct Deframer {
     have: usize,
     data_left: usize,
     end: End,
+    /// The first error: once the stream is known bad, every later byte is refused with it.
+    error: Option<FrameError>,
 }
 
 impl Deframer {
@@ -158,9 +160,20 @@ impl Deframer {
     /// were; `None` means all of `input` was consumed into a partial header. Call again with the
     /// rest of the input until it is empty.
     pub fn decode(&mut self, input: &[u8]) -> Result<(usize, Option<Chunk>), FrameError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
         if input.is_empty() {
             return Ok((0, None));
         }
+        let r = self.decode_inner(input);
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
+        r
+    }
+
+    fn decode_inner(&mut self, input: &[u8]) -> Result<(usize, Option<Chunk>), FrameError> {
         // After a FIN only a RST may follow (TCP allows a reset after a half-close).
         let kind = if self.have == 0 {
             input[0]
@@ -314,6 +327,14 @@ mod tests {
         for (bytes, err) in cases {
             assert_eq!(decode_all(bytes, 1).2, Err(err), "{bytes:?}");
         }
+    }
+
+    #[test]
+    fn an_error_is_final() {
+        let mut d = Deframer::new();
+        assert_eq!(d.decode(&[1, 0, 0, 0]), Err(FrameError::DataLength(0)));
+        assert_eq!(d.decode(&FIN), Err(FrameError::DataLength(0)));
+        assert_eq!(d.decode(&[]), Err(FrameError::DataLength(0)));
     }
 
     #[test]

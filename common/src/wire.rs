@@ -107,6 +107,9 @@ pub enum DecodeError {
     /// The status code names no known status.
     #[error("unknown status code {0}")]
     BadStatusCode(u8),
+    /// The reserved byte of a status was not zero.
+    #[error("reserved status byte is {0:#04x}, not 0")]
+    BadStatusReserved(u8),
 }
 
 fn family_len(family: u8) -> Result<usize, DecodeError> {
@@ -278,6 +281,9 @@ impl Status {
         if buf[1] != VERSION {
             return Err(DecodeError::BadVersion(buf[1]));
         }
+        if buf[3] != 0 {
+            return Err(DecodeError::BadStatusReserved(buf[3]));
+        }
         Status::ALL
             .into_iter()
             .find(|s| s.code() == buf[2])
@@ -393,6 +399,10 @@ mod tests {
             Err(DecodeError::BadStatusMarker(b'H'))
         );
         assert_eq!(Status::decode(&[0xE5]), Err(DecodeError::Incomplete(4)));
+        assert_eq!(
+            Status::decode(&[STATUS_MARKER, VERSION, 0, 1]),
+            Err(DecodeError::BadStatusReserved(1))
+        );
     }
 
     fn arb_addr() -> impl Strategy<Value = SocketAddr> {
