@@ -80,9 +80,25 @@ pub struct Config {
     #[arg(long, value_name = "KIB", default_value = "2048", value_parser = clap::value_parser!(u64).range(64..=65536))]
     pub vsock_buffer_kib: u64,
 
+    /// TCP segmentation offload on the TAP: `on` lets TCP cross it in super-frames of up to
+    /// 64 KiB both ways, container traffic included (whose own MSS is 1,460); `off` keeps every
+    /// frame within the flow's MSS, as the kernel would send it on a wire. If the kernel refuses
+    /// TSO, enclave-proxy logs why and runs as with `off`.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub offload: Offload,
+
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// Whether the TAP does TCP segmentation offload (see [`Config::offload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Offload {
+    /// TSO both ways, if the kernel allows it.
+    On,
+    /// Checksum offload only: every frame within its flow's MSS.
+    Off,
 }
 
 impl Config {

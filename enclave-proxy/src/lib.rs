@@ -1,9 +1,10 @@
 //! enclave-proxy: the in-enclave half of enclave-net.
 //!
 //! Layers, from the wire up (smoltcp's `phy/`, `iface/`, `socket/` split is the model):
-//! - [`sys`]: the TUNSETIFF ioctl, the one unsafe block;
-//! - [`tap`]: the TAP device: frames in and out, pooled buffers;
-//! - [`packet`]: sans-IO frame work: spotting SYNs, writing ICMP errors;
+//! - [`sys`]: the TAP ioctls (TUNSETIFF, TUNSETOFFLOAD), the only unsafe code;
+//! - [`tap`]: the TAP device: frames in and out, pooled buffers, TCP segmentation offload;
+//! - [`packet`]: sans-IO frame work: spotting SYNs, writing ICMP errors, the `virtio_net_hdr`
+//!   and the MSS work that lets TCP cross the TAP in 64 KiB super-frames;
 //! - [`netlink`]: addresses, MTU, link state and the default route, over rtnetlink;
 //! - [`shard`]: the stack as many small smoltcp interfaces, so a frame's cost does not grow with
 //!   the number of connections;
@@ -74,7 +75,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         source,
     };
     let file = sys::open_tap(&config.tap).map_err(tap_err)?;
-    let tap = tap::Tap::new(file, config.mtu as usize).map_err(tap_err)?;
+    let tap = tap::Tap::new(file, config.mtu as usize, config.offload).map_err(tap_err)?;
     netlink::configure(&netlink::TapConfig {
         name: config.tap.clone(),
         address: config.address.0,

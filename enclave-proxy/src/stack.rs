@@ -45,7 +45,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::conn::{Conn, ConnState, Outcome};
-use crate::packet::{arp_reply, classify, icmp_unreachable, FlowKey, Frame, Unreachable};
+use crate::packet::{
+    arp_reply, classify, icmp_unreachable, tcp_segment, FlowKey, Frame, Gso, Unreachable,
+};
 use crate::shard::{ConnId, Shards};
 use crate::tap::{Tap, ETH_HEADER, RX_BUDGET};
 
@@ -232,13 +234,25 @@ impl Stack {
     }
 
     /// Reads a bounded burst of frames from the TAP and hands each to where it belongs.
+    ///
+    /// With TSO on, a frame may be a TCP super-frame carrying several of the sender's segments
+    /// ([`crate::packet::VnetHdr`]). Linux acknowledges at least every second full segment; so
+    /// does smoltcp, but it counts in the MSS the kernel advertised, which the TAP raised to
+    /// 64 KiB ([`Tap::read`]), and would hold the ACK of a smaller super-frame for its delayed-ACK
+    /// time, stalling a sender still in slow start. A super-frame is therefore acknowledged at
+    /// once, as Linux would, by lifting the socket's ACK delay while it takes the frame. (If a
+    /// smaller segment already started smoltcp's delayed-ACK timer, that timer still runs: smoltcp
+    /// has no call to cut it short.)
     fn receive(&mut self) {
         let now = self.now();
+        let flows = &self.flows;
+        self.tap
+            .forget_mss(flows.len(), |key| !flows.contains_key(key));
         for _ in 0..RX_BUDGET {
             if self.tap.rx_blocked {
                 return;
             }
-            let Some(range) = self.tap.read() else {
+            let Some((range, vnet)) = self.tap.read() else {
                 return;
             };
             let (rx, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
@@ -259,7 +273,22 @@ impl Stack {
                     }
                 },
                 Frame::Tcp(key) => match self.flows.get(&key) {
-                    Some(Flow::Active(id)) => Some(id.shard),
+                    Some(&Flow::Active(id)) => {
+                        let several = match vnet.gso() {
+                            Gso::Tcp { size } => tcp_segment(packet)
+                                .is_some_and(|seg| seg.payload_len > usize::from(size)),
+                            _ => false,
+                        };
+                        if several {
+                            let socket = self.shards.socket_mut(id);
+                            let delay = socket.ack_delay();
+                            socket.set_ack_delay(None);
+                            self.shards.receive(Some(id.shard), packet, now, &mut wire);
+                            self.shards.socket_mut(id).set_ack_delay(delay);
+                            continue;
+                        }
+                        Some(id.shard)
+                    }
                     _ => None,
                 },
                 Frame::Ip => None,

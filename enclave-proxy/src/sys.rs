@@ -1,4 +1,5 @@
-//! The one ioctl no well-kept crate covers for us: attaching to a TAP device.
+//! The ioctls no well-kept crate covers for us: attaching to a TAP device and choosing its
+//! offloads.
 //!
 //! This is the only module where `unsafe` is allowed; every block says why it is sound.
 #![allow(unsafe_code)]
@@ -14,14 +15,18 @@ pub const IFNAMSIZ_MAX: usize = libc::IFNAMSIZ - 1;
 /// Length of the `virtio_net_hdr` that prefixes every frame read from or written to the TAP.
 pub const VNET_HDR_LEN: usize = 10;
 
-/// `virtio_net_hdr.flags` bit: the checksums of this frame are known good.
-pub const VNET_HDR_F_DATA_VALID: u8 = 2;
+/// `TUNSETOFFLOAD` flags: the kernel may hand us frames with partial checksums.
+pub const TUN_F_CSUM: u32 = libc::TUN_F_CSUM;
+/// `TUNSETOFFLOAD` flags: the kernel may hand us TCP/IPv4 super-frames (TSO) for us to segment.
+pub const TUN_F_TSO4: u32 = libc::TUN_F_TSO4;
+/// `TUNSETOFFLOAD` flags: the same for TCP/IPv6.
+pub const TUN_F_TSO6: u32 = libc::TUN_F_TSO6;
 
 /// Opens `/dev/net/tun` and attaches it to the TAP device `name` (creating it if needed), in
 /// non-blocking mode. Each read or write is one [`VNET_HDR_LEN`]-byte `virtio_net_hdr` followed
-/// by one Ethernet frame, and the device does checksum offload: the kernel neither computes
-/// checksums for frames it sends us (we do not verify them: they never crossed a wire) nor
-/// verifies the ones we send (we mark them valid, and they are).
+/// by one Ethernet frame, and the device does checksum offload ([`TUN_F_CSUM`]): the kernel does
+/// not compute checksums for frames it sends us (we do not verify them: they never crossed a
+/// wire). [`set_offload`] may then add TSO.
 pub fn open_tap(name: &str) -> io::Result<File> {
     if name.is_empty() || name.len() > IFNAMSIZ_MAX || name.as_bytes().contains(&0) {
         return Err(io::Error::new(
@@ -56,18 +61,28 @@ pub fn open_tap(name: &str) -> io::Result<File> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed.
+    set_offload(&file, TUN_F_CSUM)?;
+    Ok(file)
+}
+
+/// Sets the TAP's offloads (`TUNSETOFFLOAD`): what the kernel may leave to us in the frames it
+/// sends, a combination of the `TUN_F_*` flags above. The TSO flags need [`TUN_F_CSUM`]. They
+/// only govern the kernel-to-us direction: the kernel takes super-frames *from* us, marked in
+/// their `virtio_net_hdr`, whatever is set here.
+pub fn set_offload(tap: &File, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value; no memory is passed. The fd is an open TUN
+    // descriptor borrowed for the call.
     let rc = unsafe {
         libc::ioctl(
-            file.as_raw_fd(),
+            tap.as_raw_fd(),
             libc::TUNSETOFFLOAD,
-            libc::TUN_F_CSUM as libc::c_ulong,
+            libc::c_ulong::from(flags),
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(file)
+    Ok(())
 }
 
 /// Registers the TAP with the tokio reactor for read readiness.

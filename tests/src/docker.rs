@@ -21,6 +21,9 @@ use crate::process::Daemon;
 pub const MEMCACHED_IMAGE: &str = "enclave-net/memcached";
 /// The same root filesystem with a shell entry point, for busybox tools (nc, httpd).
 pub const BUSYBOX_IMAGE: &str = "enclave-net/busybox";
+/// busybox, iperf3 and its libraries; runs `iperf3 -s` (port 5201) unless given other
+/// arguments. Not imported by [`Docker::start`]: call [`Docker::import_iperf3_image`].
+pub const IPERF3_IMAGE: &str = "enclave-net/iperf3";
 
 /// dockerd in a namespace.
 #[derive(Debug)]
@@ -159,6 +162,50 @@ impl Docker {
             );
             crate::netns::sh(&["bash", "-c", &script]);
         }
+    }
+}
+
+impl Docker {
+    /// Builds and `docker import`s [`IPERF3_IMAGE`] the same way as the memcached image:
+    /// Debian's binaries and the libraries `ldd` lists for them, no registry.
+    pub fn import_iperf3_image(&self) {
+        let root = self.dir.join("rootfs-iperf3");
+        for d in ["bin", "usr/bin", "etc", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir rootfs");
+        }
+        // iperf3 makes its buffers from a temporary file.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod tmp");
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .expect("busybox-static is installed");
+        symlink("busybox", root.join("bin/sh")).expect("symlink sh");
+        add_binary(&root, "/usr/bin/iperf3");
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("passwd");
+        std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("group");
+        let script = format!(
+            "tar -C {root} -c . | /usr/bin/docker -H unix://{sock} import \
+             -c 'ENTRYPOINT [\"/usr/bin/iperf3\"]' -c 'CMD [\"-s\"]' - {IPERF3_IMAGE}",
+            root = root.display(),
+            sock = self.socket().display(),
+        );
+        crate::netns::sh(&["bash", "-c", &script]);
+    }
+}
+
+/// Copies `binary` into `root` at the same path, with every library `ldd` lists for it.
+pub fn add_binary(root: &Path, binary: &str) {
+    let dst = root.join(binary.trim_start_matches('/'));
+    std::fs::create_dir_all(dst.parent().expect("binary dir")).expect("mkdir binary dir");
+    std::fs::copy(binary, &dst).unwrap_or_else(|e| panic!("copy {binary}: {e}"));
+    let ldd = Command::new("ldd").arg(binary).output().expect("ldd");
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let dst = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().expect("lib dir")).expect("mkdir lib");
+        std::fs::copy(lib, &dst).unwrap_or_else(|e| panic!("copy {lib}: {e}"));
     }
 }
 
