@@ -1,7 +1,7 @@
-//! The macro benchmark: memcaslap and iperf3 through every path into the emulated enclave, on
-//! one topology, in one run, with ratios to DIRECT.
+//! The macro benchmark: memcaslap, iperf3 and an open-loop latency generator through every path
+//! into the emulated enclave, on one topology, in one run, with ratios to DIRECT.
 //!
-//! Paths (README, "Benchmark"):
+//! Paths (README, "Benchmark"; `--only` picks some):
 //! - DIRECT: the load generator inside the enclave namespace, against the published port;
 //! - ENCLAVE-NET: the pair;
 //! - SPLICE: a socat TCP<->UNIX<->TCP pair (the kernel-path design of vsock-proxy, Oyster and
@@ -9,23 +9,67 @@
 //! - SLIRP4NETNS and PASTA (tap path, clients from the client namespace), and PASTA's loopback
 //!   path (clients on the parent's own loopback, which pasta hands to kernel `splice()`).
 //!
-//! Each figure is the median of `--runs` runs. Output: a Markdown table on stdout and in
-//! `--out DIR/latest.md`, and every raw run in `--out DIR/latest.json`.
+//! Figures (`--figures` picks some): memcaslap with the proxies' CPU per transaction, latency
+//! percentiles at a fixed rate, iperf3 against a server in the enclave namespace and against one
+//! in a container behind `docker run -p`, egress iperf3, and (ENCLAVE-NET only) single-stream
+//! iperf3 with 10,000 idle connections open through the pair.
+//!
+//! Each figure is the median of `--runs` runs. Output: Markdown tables on stdout and in
+//! `--out DIR/<stem>.md`, and every raw run in `--out DIR/<stem>.json`; the stem is `latest` for
+//! a full run, `demo`, `pair`, or `partial` when `--only` or `--figures` leave something out.
 // The benchmark times real processes, so wall-clock time is right here.
 #![allow(clippy::disallowed_types, clippy::unwrap_used)]
 
-use std::fmt::Write as _;
 use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use enclave_net_tests::docker::MEMCACHED_IMAGE;
+use clap::{Parser, ValueEnum};
+use enclave_net_benches::idle::{self, Idle};
+use enclave_net_benches::loadgen;
+use enclave_net_benches::report::{self, PathResult, TABLES};
+use enclave_net_benches::tools::{self, cpu_secs, iperf3, memcaslap, peak_rss_mib};
+use enclave_net_tests::docker::{IPERF3_IMAGE, MEMCACHED_IMAGE};
 use enclave_net_tests::lab::Lab;
 use enclave_net_tests::netns::Netns;
 use enclave_net_tests::process::Daemon;
 use serde_json::{json, Value};
+
+/// A path into the enclave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PathId {
+    /// No proxy: the load generator in the enclave namespace.
+    Direct,
+    /// The pair.
+    EnclaveNet,
+    /// A socat TCP<->UNIX<->TCP pair.
+    Splice,
+    /// slirp4netns.
+    Slirp4netns,
+    /// pasta, clients from the client namespace (its tap path).
+    Pasta,
+    /// pasta, clients on the parent's loopback (its splice path).
+    PastaLoopback,
+}
+
+/// A group of figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Group {
+    /// memcaslap TPS and the proxies' CPU per transaction.
+    Memcaslap,
+    /// Latency percentiles at a fixed rate.
+    Latency,
+    /// iperf3 against the server in the enclave namespace, 1 and 4 streams, both ways.
+    Iperf,
+    /// iperf3 against a server in a container behind `docker run -p`.
+    Container,
+    /// iperf3 from the enclave to a server outside.
+    Egress,
+    /// ENCLAVE-NET single-stream iperf3 with many idle connections open through the pair.
+    Scale,
+}
 
 /// Command-line options.
 #[derive(Debug, Parser)]
@@ -47,23 +91,75 @@ struct Args {
     /// (set ENCLAVE_NET_BIN_DIR to the other build's binaries). Writes pair.md and pair.json.
     #[arg(long)]
     pair_only: bool,
-    /// Where to write latest.md and latest.json.
+    /// Only these paths (comma-separated). Ratios need `direct` among them.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<PathId>,
+    /// Only these figures (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    figures: Vec<Group>,
+    /// Where to write the results.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
     /// MTU for slirp4netns and pasta (their best, by DESIGN.md).
     #[arg(long, default_value = "65520")]
     peer_mtu: u32,
+    /// Latency: memcached gets per second, over all connections.
+    #[arg(long, default_value = "20000")]
+    latency_rate: f64,
+    /// Latency: connections.
+    #[arg(long, default_value = "16")]
+    latency_conns: usize,
+    /// Latency: measured seconds per run (after a 1 s warm-up).
+    #[arg(long, default_value = "10")]
+    latency_secs: f64,
+    /// Scale: idle connections held open through the pair.
+    #[arg(long, default_value = "10000")]
+    idle: usize,
+    /// Scale: client source addresses the idle connections come from (10.99.0.100 onwards);
+    /// host-proxy allows 256 connections per client address by default.
+    #[arg(long, default_value = "50", value_parser = clap::value_parser!(u8).range(1..=150))]
+    idle_sources: u8,
+    /// Internal: be the scale figures' enclave server, holding every connection on this
+    /// address until killed.
+    #[arg(long, hide = true, value_name = "IP:PORT")]
+    hold_idle: Option<std::net::SocketAddrV4>,
 }
 
-/// The figures, in table order.
-const FIGURES: [(&str, &str); 6] = [
-    ("memcaslap", "memcaslap TPS"),
-    ("in1", "iperf3 1 stream in"),
-    ("out1", "iperf3 1 stream out"),
-    ("in4", "iperf3 4 streams in"),
-    ("out4", "iperf3 4 streams out"),
-    ("egress1", "egress iperf3 1 stream"),
-];
+impl Args {
+    fn paths(&self) -> Vec<PathId> {
+        if self.demo || self.pair_only {
+            vec![PathId::Direct, PathId::EnclaveNet]
+        } else if self.only.is_empty() {
+            PathId::value_variants().to_vec()
+        } else {
+            self.only.clone()
+        }
+    }
+
+    fn has(&self, p: PathId) -> bool {
+        self.paths().contains(&p)
+    }
+
+    fn wants(&self, g: Group) -> bool {
+        if self.demo {
+            g == Group::Memcaslap
+        } else {
+            self.figures.is_empty() || self.figures.contains(&g)
+        }
+    }
+
+    fn stem(&self) -> &'static str {
+        if self.demo {
+            "demo"
+        } else if self.pair_only {
+            "pair"
+        } else if !self.only.is_empty() || !self.figures.is_empty() {
+            "partial"
+        } else {
+            "latest"
+        }
+    }
+}
 
 struct Clock(Instant);
 
@@ -79,170 +175,361 @@ struct Target<'a> {
     name: &'static str,
     /// Where the load generators run.
     client: &'a Netns,
+    /// memcached in its container.
     memcached: String,
+    /// iperf3 in the enclave namespace.
     iperf: Option<String>,
+    /// iperf3 in a container.
+    container: Option<String>,
     /// Namespace and address for the egress iperf3, where the path has egress.
     egress: Option<(&'a Netns, String)>,
     /// The proxy processes whose CPU and memory are reported.
     pids: Vec<u32>,
 }
 
-#[derive(Default)]
-struct PathResult {
-    name: &'static str,
-    runs: Vec<(String, Vec<Option<f64>>)>,
-    cpu_secs: Option<f64>,
-    peak_rss_mib: Option<f64>,
-    notes: Vec<String>,
+/// The iperf3 figures: key, streams, reverse (the server sends).
+const IPERF: [(&str, u32, bool); 4] = [
+    ("in1", 1, false),
+    ("out1", 1, true),
+    ("in4", 4, false),
+    ("out4", 4, true),
+];
+
+/// Published ports. The pair and every peer forward each to the enclave port beside it.
+const ENCLAVE_MEMCACHED: u16 = 8080;
+const ENCLAVE_IPERF: u16 = 5201;
+const ENCLAVE_IPERF_CONTAINER: u16 = 5202;
+const ENCLAVE_IDLE: u16 = 7000;
+const PAIR_IPERF: u16 = 15201;
+const PAIR_IPERF_CONTAINER: u16 = 15202;
+const PAIR_IDLE: u16 = 17000;
+
+/// Notices a proxy process that has exited, so that the figures after it fail at once and the
+/// notes say when it went.
+struct Watch<'a> {
+    pids: &'a [u32],
+    noted: bool,
 }
 
-fn median(xs: &[Option<f64>]) -> Option<f64> {
-    let mut ok: Vec<f64> = xs.iter().flatten().copied().collect();
-    if ok.len() < xs.len() || ok.is_empty() {
-        return None;
+impl Watch<'_> {
+    /// Whether every proxy still runs; if not, notes (once) that one had exited before `what`.
+    fn ok(&mut self, r: &mut PathResult, what: &str) -> bool {
+        let Some(pid) = self.pids.iter().find(|p| !tools::alive(**p)) else {
+            return true;
+        };
+        if !self.noted {
+            r.notes.push(format!(
+                "proxy process {pid} had exited before {what}; every figure from there on failed"
+            ));
+            self.noted = true;
+        }
+        false
     }
-    ok.sort_by(f64::total_cmp);
-    Some(ok[ok.len() / 2])
-}
-
-fn run_in(ns: &Netns, program: &str, args: &[&str], limit: u32) -> Option<String> {
-    use enclave_net_tests::cleanup::{forget, register, Item};
-    let child = Command::new("timeout")
-        .arg(limit.to_string())
-        .args(["ip", "netns", "exec", ns.name(), program])
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    // Registered so that Ctrl-C stops the load generator too.
-    let item = Item::Process(child.id());
-    register(item.clone());
-    let out = child.wait_with_output();
-    forget(&item);
-    let out = out.ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    out.status.success().then_some(text)
-}
-
-fn memcaslap(ns: &Netns, server: &str, secs: u32) -> Option<f64> {
-    let t = format!("{secs}s");
-    let out = run_in(
-        ns,
-        "memcaslap",
-        &["-s", server, "-T", "2", "-c", "32", "-t", &t],
-        secs + 30,
-    )?;
-    let line = out.lines().rev().find(|l| l.contains("TPS:"))?;
-    let tps = line.split("TPS:").nth(1)?.split_whitespace().next()?;
-    tps.parse().ok()
-}
-
-fn iperf3(ns: &Netns, server: &str, secs: u32, streams: u32, reverse: bool) -> Option<f64> {
-    let (host, port) = server.rsplit_once(':')?;
-    let (t, p) = (secs.to_string(), streams.to_string());
-    let mut args = vec![
-        "-c",
-        host,
-        "-p",
-        port,
-        "-t",
-        &t,
-        "-P",
-        &p,
-        "-J",
-        "--connect-timeout",
-        "5000",
-    ];
-    if reverse {
-        args.push("-R");
-    }
-    let out = run_in(ns, "iperf3", &args, secs + 20)?;
-    let v: Value = serde_json::from_str(&out).ok()?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64()?;
-    (bps > 0.0).then_some(bps / 1e9)
-}
-
-/// CPU seconds (own and reaped children) of a process, from /proc/PID/stat.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // Fields after the name: state(skipped, not numeric) ... utime=11 stime=12 cutime=13 cstime=14
-    // in this numeric-only list (state dropped), i.e. the 14th..17th fields of the stat line.
-    Some((f.get(10)? + f.get(11)? + f.get(12)? + f.get(13)?) / 100.0)
-}
-
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 fn measure(t: &Target, args: &Args, clock: &Clock) -> PathResult {
-    let cpu_before: Vec<Option<f64>> = t.pids.iter().map(|p| cpu_secs(*p)).collect();
-    let mut result = PathResult {
-        name: t.name,
+    let cpu_before = cpu_secs(&t.pids);
+    let mut r = PathResult {
+        name: t.name.into(),
         ..Default::default()
     };
-    for (key, label) in FIGURES {
-        if args.demo && key != "memcaslap" {
-            continue;
-        }
-        let applicable = match key {
-            "egress1" => t.egress.is_some(),
-            "memcaslap" => true,
-            _ => t.iperf.is_some(),
-        };
-        let mut runs = Vec::new();
-        for run in 1..=args.runs {
-            if !applicable {
-                break;
-            }
-            clock.stage(&format!("{}: {label}, run {run}/{}", t.name, args.runs));
-            let v = match key {
-                "memcaslap" => memcaslap(t.client, &t.memcached, args.memcaslap_secs),
-                "egress1" => t
-                    .egress
-                    .as_ref()
-                    .and_then(|(ns, addr)| iperf3(ns, addr, args.iperf_secs, 1, false)),
-                _ => {
-                    let streams = if key.ends_with('4') { 4 } else { 1 };
-                    t.iperf.as_ref().and_then(|addr| {
-                        iperf3(
-                            t.client,
-                            addr,
-                            args.iperf_secs,
-                            streams,
-                            key.starts_with("out"),
-                        )
-                    })
-                }
-            };
-            if v.is_none() {
-                result.notes.push(format!("{label}: run {run} failed"));
-            }
-            runs.push(v);
-        }
-        result.runs.push((key.to_string(), runs));
-    }
-    let cpu: Option<f64> = t
-        .pids
-        .iter()
-        .zip(cpu_before)
-        .map(|(p, before)| Some(cpu_secs(*p)? - before?))
-        .sum();
-    result.cpu_secs = if t.pids.is_empty() { None } else { cpu };
-    result.peak_rss_mib = if t.pids.is_empty() {
-        None
-    } else {
-        t.pids.iter().map(|p| peak_rss_mib(*p)).sum()
+    let mut watch = Watch {
+        pids: &t.pids,
+        noted: false,
     };
-    result
+    let runs = args.runs;
+    if args.wants(Group::Memcaslap) {
+        for run in 1..=runs {
+            clock.stage(&format!("{}: memcaslap, run {run}/{runs}", t.name));
+            if !watch.ok(&mut r, &format!("memcaslap run {run}")) {
+                r.push("memcaslap", None);
+                r.push("cpu_us_per_txn", None);
+                continue;
+            }
+            let before = cpu_secs(&t.pids);
+            let m = memcaslap(t.client, &t.memcached, args.memcaslap_secs);
+            // socat's per-connection children: their CPU reaches the parent once reaped.
+            tools::settle_children(&t.pids, Duration::from_secs(3));
+            let after = cpu_secs(&t.pids);
+            r.push("memcaslap", m.map(|m| m.tps));
+            if !t.pids.is_empty() {
+                let per_txn = match (m, before, after) {
+                    (Some(m), Some(b), Some(a)) if m.ops > 0.0 => Some((a - b) * 1e6 / m.ops),
+                    _ => None,
+                };
+                r.push("cpu_us_per_txn", per_txn);
+            }
+            if m.is_none() {
+                r.notes.push(format!("memcaslap: run {run} failed"));
+            }
+        }
+    }
+    if args.wants(Group::Latency) {
+        for run in 1..=runs {
+            clock.stage(&format!(
+                "{}: latency at {} gets/s over {} connections, run {run}/{runs}",
+                t.name, args.latency_rate, args.latency_conns
+            ));
+            if !watch.ok(&mut r, &format!("latency run {run}")) {
+                for key in ["lat_p50", "lat_p99", "lat_p999", "lat_late", "lat_lost"] {
+                    r.push(key, None);
+                }
+                continue;
+            }
+            latency(t, args, run, &mut r);
+        }
+    }
+    let bulk = [
+        (Group::Iperf, "", &t.iperf, "iperf3"),
+        (Group::Container, "c_", &t.container, "container iperf3"),
+    ];
+    for (group, prefix, addr, what) in bulk {
+        let Some(addr) = addr.as_ref().filter(|_| args.wants(group)) else {
+            continue;
+        };
+        for (key, streams, reverse) in IPERF {
+            let key = format!("{prefix}{key}");
+            for run in 1..=runs {
+                clock.stage(&format!("{}: {what} {key}, run {run}/{runs}", t.name));
+                if !watch.ok(&mut r, &format!("{what} {key} run {run}")) {
+                    r.push(&key, None);
+                    continue;
+                }
+                let v = iperf3(t.client, addr, args.iperf_secs, streams, reverse);
+                if v.is_none() {
+                    r.notes.push(format!("{what} {key}: run {run} failed"));
+                }
+                r.push(&key, v);
+            }
+        }
+    }
+    if let Some((ns, addr)) = t.egress.as_ref().filter(|_| args.wants(Group::Egress)) {
+        for run in 1..=runs {
+            clock.stage(&format!("{}: egress iperf3, run {run}/{runs}", t.name));
+            if !watch.ok(&mut r, &format!("egress iperf3 run {run}")) {
+                r.push("egress1", None);
+                continue;
+            }
+            let v = iperf3(ns, addr, args.iperf_secs, 1, false);
+            if v.is_none() {
+                r.notes.push(format!("egress iperf3: run {run} failed"));
+            }
+            r.push("egress1", v);
+        }
+    }
+    if !t.pids.is_empty() {
+        r.cpu_secs = cpu_secs(&t.pids)
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
+        r.peak_rss_mib = t.pids.iter().map(|p| peak_rss_mib(*p)).sum();
+        // A column of the first table, so only beside its figures.
+        if [Group::Memcaslap, Group::Iperf, Group::Egress]
+            .iter()
+            .any(|g| args.wants(*g))
+        {
+            r.push("peak_rss_mib", r.peak_rss_mib);
+        }
+    }
+    r
+}
+
+/// One run of the open-loop generator against the path's memcached.
+fn latency(t: &Target, args: &Args, run: usize, r: &mut PathResult) {
+    let spec = loadgen::Spec {
+        rate: args.latency_rate,
+        duration: Duration::from_secs_f64(args.latency_secs),
+        ..loadgen::Spec::default()
+    };
+    let result = t
+        .memcached
+        .parse::<SocketAddr>()
+        .map_err(|e| e.to_string())
+        .and_then(|addr| {
+            let conns = args.latency_conns;
+            // One at a time: slirp4netns's forwarded port has a listen queue of 1.
+            t.client
+                .run(move || {
+                    (0..conns)
+                        .map(|_| {
+                            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                        })
+                        .collect::<std::io::Result<Vec<_>>>()
+                })
+                .map_err(|e| format!("connect: {e}"))
+        })
+        .and_then(|streams| loadgen::run(streams, &spec).map_err(|e| e.to_string()));
+    // A percentile among the lost requests is infinite (shown as "lost").
+    let us = |d: Option<Duration>| Some(d.map_or(f64::INFINITY, |d| d.as_secs_f64() * 1e6));
+    match result {
+        Ok(rep) => {
+            r.push("lat_p50", us(rep.p50));
+            r.push("lat_p90", us(rep.p90));
+            r.push("lat_p99", us(rep.p99));
+            r.push("lat_p999", us(rep.p999));
+            r.push("lat_max", us(rep.max));
+            r.push("lat_late", Some(rep.late as f64));
+            r.push("lat_lost", Some(rep.lost as f64));
+            r.push("lat_errors", Some(rep.errors as f64));
+            r.push("lat_measured", Some(rep.measured as f64));
+            r.push("lat_send_lag_p50", us(rep.send_lag_p50));
+            r.push("lat_send_lag_p99", us(rep.send_lag_p99));
+            if rep.errors > 0 {
+                r.notes.push(format!(
+                    "latency run {run}: {} answers were not a hit",
+                    rep.errors
+                ));
+            }
+        }
+        Err(e) => {
+            for key in ["lat_p50", "lat_p99", "lat_p999", "lat_late", "lat_lost"] {
+                r.push(key, None);
+            }
+            r.notes.push(format!("latency run {run} failed: {e}"));
+        }
+    }
+}
+
+/// "Max open files" of a process: (soft, hard).
+fn nofile_limit(pid: u32) -> Option<(String, String)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut f = line["Max open files".len()..].split_whitespace();
+    Some((f.next()?.to_string(), f.next()?.to_string()))
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The scale figures: single-stream iperf3 through the pair with no idle connections, then
+/// with `--idle` of them open (or as many as host-proxy's descriptor limit allows).
+fn scale(lab: &Lab, args: &Args, clock: &Clock, r: &mut PathResult) {
+    let topo = &lab.topo;
+    let server = format!("10.99.0.1:{PAIR_IPERF}");
+    let measure_all = |idle: usize, r: &mut PathResult| {
+        let suffix = if idle == 0 { "none" } else { "idle" };
+        for (key, streams, reverse) in &IPERF[..2] {
+            for run in 1..=args.runs {
+                clock.stage(&format!(
+                    "{}: scale, iperf3 {key} with {idle} idle connections, run {run}/{}",
+                    r.name, args.runs
+                ));
+                let v = iperf3(&topo.client, &server, args.iperf_secs, *streams, *reverse);
+                r.push(&format!("scale_{key}_{suffix}"), v);
+            }
+        }
+    };
+    let fail = |r: &mut PathResult, why: String| {
+        r.notes.push(format!("scale: {why}"));
+        for key in ["scale_in1_idle", "scale_out1_idle"] {
+            r.push(key, None);
+        }
+    };
+    measure_all(0, r);
+    let Some(host_pid) = topo.host.as_ref().and_then(Daemon::pid) else {
+        return fail(r, "host-proxy is not running".into());
+    };
+    // host-proxy needs two descriptors per connection, and cannot raise its hard limit
+    // without CAP_SYS_RESOURCE.
+    let limit =
+        nofile_limit(host_pid).map_or(u64::MAX, |(soft, _)| soft.parse().unwrap_or(u64::MAX));
+    let fits = idle::capacity(limit, fd_count(host_pid) as u64, 16);
+    let n = args.idle.min(usize::try_from(fits).unwrap_or(usize::MAX));
+    if n < args.idle {
+        r.notes.push(format!(
+            "scale: {} idle connections need {} descriptors in host-proxy (2 each) but its \
+             RLIMIT_NOFILE is {limit} and cannot be raised here (no CAP_SYS_RESOURCE), so the \
+             scale row holds {n}",
+            args.idle,
+            2 * args.idle
+        ));
+    }
+    r.push("scale_idle_count", Some(n as f64));
+    let sources: Vec<IpAddr> = (0..args.idle_sources)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(10, 99, 0, 100 + i)))
+        .collect();
+    for ip in &sources {
+        topo.client
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", "toparent"]);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = topo.enclave.command(exe.to_str().expect("utf-8 path"));
+    cmd.args(["--hold-idle", &format!("0.0.0.0:{ENCLAVE_IDLE}")]);
+    let holder = Daemon::start_with(
+        "idle-holder",
+        cmd,
+        topo.dir.0.join("idle-holder.log"),
+        "holding connections",
+        Duration::from_secs(10),
+    );
+    clock.stage(&format!(
+        "{}: scale, opening {n} idle connections from {} client addresses",
+        r.name,
+        sources.len()
+    ));
+    let idle = Idle::open(
+        &topo.client,
+        SocketAddr::from(([10, 99, 0, 1], PAIR_IDLE)),
+        &sources,
+        n,
+        &|| idle::held(&holder.log_text()),
+    );
+    let idle = match idle {
+        Ok(idle) => idle,
+        Err(e) => {
+            // What the daemons said about it.
+            for line in topo
+                .logs()
+                .lines()
+                .filter(|l| !l.contains(" INFO "))
+                .take(40)
+            {
+                println!("  {line}");
+            }
+            return fail(r, e);
+        }
+    };
+    let pids: Vec<(&str, u32)> = [
+        ("host-proxy", &topo.host),
+        ("enclave-proxy", &topo.enclave_proxy),
+    ]
+    .into_iter()
+    .filter_map(|(name, d)| Some((name, d.as_ref()?.pid()?)))
+    .collect();
+    let fds: Vec<String> = pids
+        .iter()
+        .map(|(name, pid)| {
+            let (soft, hard) = nofile_limit(*pid).unwrap_or_default();
+            format!("{name} {} (RLIMIT_NOFILE {soft}/{hard})", fd_count(*pid))
+        })
+        .collect();
+    let live = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        [topo.host(), topo.enclave_proxy()].map(|d| d.counters().live().0)
+    }));
+    r.notes.push(format!(
+        "scale: {} idle connections from {} client addresses (at most {} each; host-proxy's \
+         default --max-per-client is 256); open descriptors while held: {}, the clients {}, the \
+         enclave server {}; live ingress connections (host-proxy, enclave-proxy): {}",
+        idle.len(),
+        sources.len(),
+        n.div_ceil(sources.len()),
+        fds.join(", "),
+        fd_count(std::process::id()),
+        holder.pid().map_or(0, fd_count),
+        live.map_or("no counters".into(), |l| format!("{}, {}", l[0], l[1]))
+    ));
+    measure_all(idle.len(), r);
+    let open = idle.still_open();
+    if open < idle.len() {
+        r.notes.push(format!(
+            "scale: only {open} of {} idle connections were still open after the runs",
+            idle.len()
+        ));
+    }
+    drop(idle);
+    drop(holder);
+    // Let the pair close them before the next path shares the cores.
+    std::thread::sleep(Duration::from_secs(3));
 }
 
 fn daemon(name: &str, ns: &Netns, program: &str, args: &[String], dir: &std::path::Path) -> Daemon {
@@ -281,17 +568,97 @@ fn wait_for_file(path: &std::path::Path) {
     }
 }
 
+/// A socat TCP<->UNIX<->TCP pair for one port: the parent listens on `parent_port` and the
+/// enclave side connects to `enclave`.
+fn socat_pair(name: &str, lab: &Lab, parent_port: u16, enclave: &str) -> [Daemon; 2] {
+    let dir = &lab.topo.dir.0;
+    let sock = dir.join(format!("{name}.sock")).display().to_string();
+    let b = "-b131072".to_string();
+    [
+        daemon(
+            &format!("socat-e-{name}"),
+            &lab.topo.enclave,
+            "socat",
+            &[
+                b.clone(),
+                format!("UNIX-LISTEN:{sock},fork"),
+                format!("TCP:{enclave},nodelay"),
+            ],
+            dir,
+        ),
+        daemon(
+            &format!("socat-p-{name}"),
+            &lab.topo.parent,
+            "socat",
+            &[
+                b,
+                format!("TCP-LISTEN:{parent_port},fork,reuseaddr,nodelay"),
+                format!("UNIX-CONNECT:{sock}"),
+            ],
+            dir,
+        ),
+    ]
+}
+
 fn main() {
     let args = Args::parse();
+    if let Some(addr) = args.hold_idle {
+        if let Err(e) = idle::hold(addr) {
+            eprintln!("idle holder on {addr}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     enclave_net_tests::require_root();
     let clock = Clock(Instant::now());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load_at_start = tools::load_average();
+    let scale_on = args.wants(Group::Scale) && args.has(PathId::EnclaveNet);
+    if scale_on {
+        // This process holds the client end of every idle connection.
+        let want = args.idle as u64 + 1024;
+        let got = enclave_net_tests::raise_nofile(want);
+        if got < want {
+            println!("RLIMIT_NOFILE is {got}, below the {want} the scale figures need");
+        }
+    }
     clock.stage("building the emulated enclave: namespaces, the pair, dockerd, images");
-    let mut lab = Lab::start(&["--publish", "15201:5201"], &[]);
+    let publish = [
+        (PAIR_IPERF, ENCLAVE_IPERF),
+        (PAIR_IPERF_CONTAINER, ENCLAVE_IPERF_CONTAINER),
+        (PAIR_IDLE, ENCLAVE_IDLE),
+    ]
+    .map(|(h, e)| format!("{h}:{e}"));
+    let mut lab = Lab::start(
+        &[
+            "--publish",
+            &publish[0],
+            "--publish",
+            &publish[1],
+            "--publish",
+            &publish[2],
+        ],
+        &[],
+    );
     let dir = lab.topo.dir.0.clone();
     clock.stage("starting memcached behind docker run -p 8080:11211, and iperf3 servers");
-    lab.docker
-        .cli(&["run", "-d", "-p", "8080:11211", MEMCACHED_IMAGE]);
+    lab.docker.cli(&[
+        "run",
+        "-d",
+        "-p",
+        &format!("{ENCLAVE_MEMCACHED}:11211"),
+        MEMCACHED_IMAGE,
+    ]);
+    if args.wants(Group::Container) {
+        lab.docker.import_iperf3_image();
+        lab.docker.cli(&[
+            "run",
+            "-d",
+            "-p",
+            &format!("{ENCLAVE_IPERF_CONTAINER}:5201"),
+            IPERF3_IMAGE,
+        ]);
+    }
     std::thread::sleep(Duration::from_millis(500));
     let _iperf_enclave = daemon(
         "iperf3-enclave",
@@ -309,132 +676,126 @@ fn main() {
     );
 
     let mut results = Vec::new();
-    let topo = &lab.topo;
-    results.push(measure(
-        &Target {
-            name: "DIRECT",
-            client: &topo.enclave,
-            memcached: "10.240.0.2:8080".into(),
-            iperf: Some("10.240.0.2:5201".into()),
-            egress: None,
-            pids: vec![],
-        },
-        &args,
-        &clock,
-    ));
-    let pair_pids: Vec<u32> = [&topo.host, &topo.enclave_proxy]
-        .into_iter()
-        .flatten()
-        .filter_map(Daemon::pid)
-        .collect();
-    results.push(measure(
-        &Target {
-            name: "ENCLAVE-NET",
-            client: &topo.client,
-            memcached: "10.99.0.1:18080".into(),
-            iperf: Some("10.99.0.1:15201".into()),
-            egress: Some((&topo.enclave, "10.98.0.2:5201".into())),
-            pids: pair_pids,
-        },
-        &args,
-        &clock,
-    ));
-    if !args.demo && !args.pair_only {
+    if args.has(PathId::Direct) {
+        let topo = &lab.topo;
+        results.push(measure(
+            &Target {
+                name: "DIRECT",
+                client: &topo.enclave,
+                memcached: format!("10.240.0.2:{ENCLAVE_MEMCACHED}"),
+                iperf: Some(format!("10.240.0.2:{ENCLAVE_IPERF}")),
+                container: Some(format!("10.240.0.2:{ENCLAVE_IPERF_CONTAINER}")),
+                egress: None,
+                pids: vec![],
+            },
+            &args,
+            &clock,
+        ));
+    }
+    if args.has(PathId::EnclaveNet) {
+        let topo = &lab.topo;
+        let pair_pids: Vec<u32> = [&topo.host, &topo.enclave_proxy]
+            .into_iter()
+            .flatten()
+            .filter_map(Daemon::pid)
+            .collect();
+        let mut r = measure(
+            &Target {
+                name: "ENCLAVE-NET",
+                client: &topo.client,
+                memcached: "10.99.0.1:18080".into(),
+                iperf: Some(format!("10.99.0.1:{PAIR_IPERF}")),
+                container: Some(format!("10.99.0.1:{PAIR_IPERF_CONTAINER}")),
+                egress: Some((&topo.enclave, "10.98.0.2:5201".into())),
+                pids: pair_pids,
+            },
+            &args,
+            &clock,
+        );
+        if scale_on {
+            scale(&lab, &args, &clock, &mut r);
+        }
+        results.push(r);
+    }
+    if args.has(PathId::Splice) {
         clock.stage("SPLICE: starting socat pairs");
-        let sock = |n: &str| dir.join(n).display().to_string();
-        let b = "-b131072";
         let splice = [
-            daemon(
-                "socat-e-mc",
-                &topo.enclave,
-                "socat",
-                &[
-                    b.into(),
-                    format!("UNIX-LISTEN:{},fork", sock("mc.sock")),
-                    "TCP:10.240.0.2:8080,nodelay".into(),
-                ],
-                &dir,
+            socat_pair(
+                "mc",
+                &lab,
+                28080,
+                &format!("10.240.0.2:{ENCLAVE_MEMCACHED}"),
             ),
-            daemon(
-                "socat-p-mc",
-                &topo.parent,
-                "socat",
-                &[
-                    b.into(),
-                    "TCP-LISTEN:28080,fork,reuseaddr,nodelay".into(),
-                    format!("UNIX-CONNECT:{}", sock("mc.sock")),
-                ],
-                &dir,
+            socat_pair("ip", &lab, 25201, &format!("10.240.0.2:{ENCLAVE_IPERF}")),
+            socat_pair(
+                "cip",
+                &lab,
+                25202,
+                &format!("10.240.0.2:{ENCLAVE_IPERF_CONTAINER}"),
             ),
-            daemon(
-                "socat-e-ip",
-                &topo.enclave,
-                "socat",
-                &[
-                    b.into(),
-                    format!("UNIX-LISTEN:{},fork", sock("ip.sock")),
-                    "TCP:10.240.0.2:5201,nodelay".into(),
-                ],
-                &dir,
-            ),
-            daemon(
-                "socat-p-ip",
-                &topo.parent,
-                "socat",
-                &[
-                    b.into(),
-                    "TCP-LISTEN:25201,fork,reuseaddr,nodelay".into(),
-                    format!("UNIX-CONNECT:{}", sock("ip.sock")),
-                ],
-                &dir,
-            ),
+        ];
+        // Egress the other way round: the enclave listens, the parent connects out.
+        let eg = dir.join("eg.sock").display().to_string();
+        let egress = [
             daemon(
                 "socat-p-eg",
-                &topo.parent,
+                &lab.topo.parent,
                 "socat",
                 &[
-                    b.into(),
-                    format!("UNIX-LISTEN:{},fork", sock("eg.sock")),
+                    "-b131072".into(),
+                    format!("UNIX-LISTEN:{eg},fork"),
                     "TCP:10.98.0.2:5201,nodelay".into(),
                 ],
                 &dir,
             ),
             daemon(
                 "socat-e-eg",
-                &topo.enclave,
+                &lab.topo.enclave,
                 "socat",
                 &[
-                    b.into(),
+                    "-b131072".into(),
                     "TCP-LISTEN:35201,fork,reuseaddr,nodelay".into(),
-                    format!("UNIX-CONNECT:{}", sock("eg.sock")),
+                    format!("UNIX-CONNECT:{eg}"),
                 ],
                 &dir,
             ),
         ];
-        let pids = splice.iter().filter_map(Daemon::pid).collect();
+        let pids = splice
+            .iter()
+            .flatten()
+            .chain(&egress)
+            .filter_map(Daemon::pid)
+            .collect();
+        let topo = &lab.topo;
         let mut r = measure(
             &Target {
                 name: "SPLICE (socat)",
                 client: &topo.client,
                 memcached: "10.99.0.1:28080".into(),
                 iperf: Some("10.99.0.1:25201".into()),
+                container: Some("10.99.0.1:25202".into()),
                 egress: Some((&topo.enclave, "127.0.0.1:35201".into())),
                 pids,
             },
             &args,
             &clock,
         );
-        r.notes
-            .push("egress is a fixed-destination forward, as vsock-proxy's".into());
+        if args.wants(Group::Egress) {
+            r.notes
+                .push("egress is a fixed-destination forward, as vsock-proxy's".into());
+        }
         results.push(r);
-        drop(splice);
-
+    }
+    let peers = [PathId::Slirp4netns, PathId::Pasta, PathId::PastaLoopback];
+    if peers.iter().any(|p| args.has(*p)) {
         clock.stage("stopping enclave-proxy: slirp4netns and pasta take the enclave's route");
         lab.topo.enclave_proxy.take();
+    }
+    if args.has(PathId::Slirp4netns) {
         let topo = &lab.topo;
         let api = dir.join("slirp.sock");
         let mtu = format!("--mtu={}", args.peer_mtu);
-        let slirp = daemon(
+        let mut slirp = daemon(
             "slirp4netns",
             &topo.parent,
             "slirp4netns",
@@ -451,7 +812,11 @@ fn main() {
             &dir,
         );
         wait_for_file(&api);
-        for (host, guest) in [(48080, 8080), (45201, 5201)] {
+        for (host, guest) in [
+            (48080, ENCLAVE_MEMCACHED),
+            (45201, ENCLAVE_IPERF),
+            (45202, ENCLAVE_IPERF_CONTAINER),
+        ] {
             let reply = slirp_api(
                 &api,
                 &json!({"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": "0.0.0.0", "host_port": host, "guest_addr": "10.0.2.100", "guest_port": guest}}),
@@ -464,6 +829,7 @@ fn main() {
                 client: &topo.client,
                 memcached: "10.99.0.1:48080".into(),
                 iperf: Some("10.99.0.1:45201".into()),
+                container: Some("10.99.0.1:45202".into()),
                 egress: Some((&topo.enclave, "10.98.0.2:5201".into())),
                 pids: slirp.pid().into_iter().collect(),
             },
@@ -471,184 +837,171 @@ fn main() {
             &clock,
         );
         r.notes.push(format!("MTU {}", args.peer_mtu));
+        obituary("slirp4netns", &mut slirp, &mut r);
         results.push(r);
-        drop(slirp);
-
-        let pasta = daemon(
-            "pasta",
-            &topo.parent,
-            "pasta",
-            &s(&[
-                "-f",
-                "-e",
-                "-4",
-                "--runas",
-                "0",
-                "--netns",
-                &topo.enclave.path(),
-                "--config-net",
-                "--no-dhcp",
-                "-I",
-                "tap1",
-                "-m",
-                &args.peer_mtu.to_string(),
-                "-a",
-                "10.88.0.2",
-                "-n",
-                "24",
-                "-g",
-                "10.88.0.1",
-                "-t",
-                "38080:8080",
-                "-t",
-                "35201:5201",
-                "-u",
-                "none",
-                "-T",
-                "none",
-                "-U",
-                "none",
-            ]),
-            &dir,
-        );
-        let pids: Vec<u32> = pasta.pid().into_iter().collect();
+    }
+    // Each pasta path gets a pasta of its own, so that one that dies in one path (it has, in
+    // the enclave->client direction) does not take the other path's figures with it.
+    if args.has(PathId::Pasta) {
+        let topo = &lab.topo;
+        let mut pasta = start_pasta(&lab, &args, &dir);
         let mut r = measure(
             &Target {
                 name: "PASTA (tap path)",
                 client: &topo.client,
                 memcached: "10.99.0.1:38080".into(),
                 iperf: Some("10.99.0.1:35201".into()),
+                container: Some("10.99.0.1:35202".into()),
                 egress: Some((&topo.enclave, "10.98.0.2:5201".into())),
-                pids: pids.clone(),
+                pids: pasta.pid().into_iter().collect(),
             },
             &args,
             &clock,
         );
         r.notes.push(format!("MTU {}", args.peer_mtu));
+        obituary("pasta", &mut pasta, &mut r);
         results.push(r);
+    }
+    if args.has(PathId::PastaLoopback) {
+        let topo = &lab.topo;
+        let mut pasta = start_pasta(&lab, &args, &dir);
+        // pasta's splice path enters the enclave on loopback, where Docker's DNAT does not
+        // apply: Docker's userland docker-proxy carries those connections on, so it is one of
+        // this path's proxies.
+        let docker_proxies =
+            std::fs::read_to_string(lab.docker.socket().with_file_name("dockerd.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .map(|dockerd| tools::descendants_named(dockerd, "docker-proxy"))
+                .unwrap_or_default();
+        let n_docker_proxies = docker_proxies.len();
         let mut r = measure(
             &Target {
                 name: "PASTA (loopback splice, stretch reference)",
                 client: &topo.parent,
                 memcached: "127.0.0.1:38080".into(),
                 iperf: Some("127.0.0.1:35201".into()),
+                container: Some("127.0.0.1:35202".into()),
                 egress: None,
-                pids,
+                pids: pasta.pid().into_iter().chain(docker_proxies).collect(),
             },
             &args,
             &clock,
         );
-        r.notes.push("clients on the parent's own loopback".into());
+        r.notes.push(format!(
+            "clients on the parent's own loopback; pasta connects to the enclave's loopback, \
+             where Docker's DNAT does not apply, so Docker's docker-proxy carries memcached and \
+             the container rows on: proxy CPU and memory count pasta and {n_docker_proxies} \
+             docker-proxy processes"
+        ));
+        obituary("pasta", &mut pasta, &mut r);
         results.push(r);
-        drop(pasta);
     }
+    write_report(&results, &args, cores, &load_at_start);
     clock.stage("tearing down");
-    report(&results, &args, cores);
 }
 
-fn fmt_value(key: &str, v: f64) -> String {
-    if key == "memcaslap" {
-        format!("{:.0}k", v / 1000.0)
-    } else {
-        format!("{v:.1} Gbps")
+/// `load_at_start`: the load average when the run started (the machine may be shared).
+/// Starts pasta in the parent, taking the enclave's network with a tap of its own and
+/// forwarding the published ports (DESIGN.md, "Running the peers").
+fn start_pasta(lab: &Lab, args: &Args, dir: &std::path::Path) -> Daemon {
+    let mut pasta_args = s(&[
+        "-f",
+        "-e",
+        "-4",
+        "--runas",
+        "0",
+        "--netns",
+        &lab.topo.enclave.path(),
+        "--config-net",
+        "--no-dhcp",
+        "-I",
+        "tap1",
+        "-m",
+        &args.peer_mtu.to_string(),
+        "-a",
+        "10.88.0.2",
+        "-n",
+        "24",
+        "-g",
+        "10.88.0.1",
+    ]);
+    for (host, enclave) in [
+        (38080, ENCLAVE_MEMCACHED),
+        (35201, ENCLAVE_IPERF),
+        (35202, ENCLAVE_IPERF_CONTAINER),
+    ] {
+        pasta_args.extend(s(&["-t", &format!("{host}:{enclave}")]));
     }
+    pasta_args.extend(s(&["-u", "none", "-T", "none", "-U", "none"]));
+    daemon("pasta", &lab.topo.parent, "pasta", &pasta_args, dir)
 }
 
-fn report(results: &[PathResult], args: &Args, cores: usize) {
-    let direct: Vec<Option<f64>> = FIGURES
-        .iter()
-        .map(|(k, _)| {
-            results
-                .first()
-                .and_then(|r| r.runs.iter().find(|(key, _)| key == k))
-                .and_then(|(_, runs)| median(runs))
-        })
+/// Notes it if a peer's daemon died during its path's figures, with the end of its log.
+fn obituary(name: &str, d: &mut Daemon, r: &mut PathResult) {
+    if d.alive() {
+        return;
+    }
+    let log = d.log_text();
+    let last: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .rev()
+        .take(3)
         .collect();
+    let last: Vec<&str> = last.into_iter().rev().collect();
+    r.notes.push(format!(
+        "{name} exited during this path's figures; the end of its log: {}",
+        if last.is_empty() {
+            "(empty)".to_string()
+        } else {
+            last.join(" / ")
+        }
+    ));
+}
+
+fn write_report(results: &[PathResult], args: &Args, cores: usize, load_at_start: &str) {
     let date = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let mut md = format!(
-        "Measured {date} on {cores} cores; median of {} runs; ratio to DIRECT in brackets.\n\n",
+        "Measured {date} on {cores} cores (load average {} at the start, {} at the end); \
+         median of {} runs; ratio to DIRECT in brackets.\n",
+        load_at_start,
+        tools::load_average(),
         args.runs
     );
-    let shown: Vec<(usize, &(&str, &str))> = FIGURES
-        .iter()
-        .enumerate()
-        .filter(|(_, (k, _))| !args.demo || *k == "memcaslap")
-        .collect();
-    md.push_str("| path |");
-    for (_, (_, label)) in &shown {
-        let _ = write!(md, " {label} |");
-    }
-    md.push_str(" proxy CPU s | proxy peak RSS |\n|---|");
-    for _ in &shown {
-        md.push_str("---|");
-    }
-    md.push_str("---|---|\n");
-    let mut json_paths = Vec::new();
-    for r in results {
-        let _ = write!(md, "| {} |", r.name);
-        let mut figures = serde_json::Map::new();
-        for (i, (key, _)) in &shown {
-            let runs = r
-                .runs
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone());
-            let cell = match runs.as_deref() {
-                None | Some([]) => "n/a".to_string(),
-                Some(runs) => match median(runs) {
-                    None => format!(
-                        "failed ({}/{} runs)",
-                        runs.iter().flatten().count(),
-                        runs.len()
-                    ),
-                    Some(m) => match direct[*i] {
-                        Some(d) if d > 0.0 && r.name != "DIRECT" => {
-                            format!("{} ({:.2}×)", fmt_value(key, m), m / d)
-                        }
-                        _ => fmt_value(key, m),
-                    },
-                },
-            };
-            let _ = write!(md, " {cell} |");
-            figures.insert(
-                key.to_string(),
-                json!({"runs": runs, "median": runs.as_deref().and_then(median)}),
-            );
+    for t in &TABLES {
+        let table = report::table(t, results);
+        if !table.is_empty() {
+            md.push('\n');
+            md.push_str(&table);
         }
-        let cpu = r.cpu_secs.map_or("n/a".into(), |c| format!("{c:.1}"));
-        let rss = r
-            .peak_rss_mib
-            .map_or("n/a".into(), |m| format!("{m:.1} MiB"));
-        let _ = writeln!(md, " {cpu} | {rss} |");
-        json_paths.push(json!({
-            "path": r.name, "figures": figures, "proxy_cpu_secs": r.cpu_secs,
-            "proxy_peak_rss_mib": r.peak_rss_mib, "notes": r.notes,
-        }));
     }
-    let notes: Vec<String> = results
-        .iter()
-        .flat_map(|r| r.notes.iter().map(move |n| format!("- {}: {n}", r.name)))
-        .collect();
+    for r in results {
+        let table = report::scale_table(r);
+        if !table.is_empty() {
+            md.push('\n');
+            md.push_str(&table);
+        }
+    }
+    let notes = report::notes(results);
     if !notes.is_empty() {
-        md.push('\n');
-        md.push_str(&notes.join("\n"));
-        md.push('\n');
+        md.push_str("\nNotes:\n\n");
+        md.push_str(&notes);
     }
     println!("\n{md}");
     let _ = std::fs::create_dir_all(&args.out);
-    let stem = if args.demo {
-        "demo"
-    } else if args.pair_only {
-        "pair"
-    } else {
-        "latest"
-    };
+    let stem = args.stem();
     let json = json!({"date": date, "cores": cores, "runs": args.runs,
-        "memcaslap_secs": args.memcaslap_secs, "iperf_secs": args.iperf_secs, "paths": json_paths});
+        "load_average_start": load_at_start, "load_average_end": tools::load_average(),
+        "memcaslap_secs": args.memcaslap_secs, "iperf_secs": args.iperf_secs,
+        "latency": {"rate": args.latency_rate, "conns": args.latency_conns,
+                    "secs": args.latency_secs, "warmup_secs": 1, "late_after_ms": 1},
+        "idle": args.idle, "idle_sources": args.idle_sources,
+        "paths": report::json_paths(results)});
     let _ = std::fs::write(args.out.join(format!("{stem}.md")), &md);
     let _ = std::fs::write(
         args.out.join(format!("{stem}.json")),
