@@ -841,6 +841,11 @@ pub(crate) mod tests {
             timestamp: timestamps.then_some(smoltcp::wire::TcpTimestampRepr::new(7, 9)),
             payload,
         };
+        ipv4_tcp(src, dst, &tcp)
+    }
+
+    /// `tcp` in an IPv4 packet from `src` to `dst`, with full checksums.
+    pub(crate) fn ipv4_tcp(src: Ipv4Address, dst: Ipv4Address, tcp: &TcpRepr) -> Vec<u8> {
         let ip = Ipv4Repr {
             src_addr: src,
             dst_addr: dst,

@@ -393,8 +393,8 @@ mod tests {
     use crate::shard::Shards;
     use smoltcp::time::Instant;
     use smoltcp::wire::{
-        IpAddress, IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr,
-        TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+        IpAddress, IpEndpoint, IpListenEndpoint, Ipv4Address, Ipv4Packet, TcpControl, TcpPacket,
+        TcpRepr, TcpSeqNumber,
     };
 
     const STACK: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 1]);
@@ -539,24 +539,7 @@ mod tests {
             timestamp: None,
             payload,
         };
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-        let caps = smoltcp::phy::ChecksumCapabilities::default();
-        let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
-        ip.emit(&mut p, &caps);
-        tcp.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &IpAddress::Ipv4(src),
-            &IpAddress::Ipv4(dst),
-            &caps,
-        );
-        out
+        crate::packet::tests::ipv4_tcp(src, dst, &tcp)
     }
 
     fn tcp_of(packet: &[u8]) -> (u32, Option<u32>) {
