@@ -7,11 +7,11 @@
 //!   the emulated enclave. Its parts live here:
 //!   - [`tools`]: memcaslap and iperf3 in a namespace, and the proxies' CPU time;
 //!   - [`loadgen`]: the open-loop memcached generator behind the latency table;
-//!   - [`idle`]: the idle connections of the scale table;
+//!   - [`enclave_net_tests::idle`] (in the test harness, shared with the scale test): the idle
+//!     connections of the scale table;
 //!   - [`report`]: medians, ratios, the Markdown tables and the JSON.
 #![forbid(unsafe_code)]
 
-pub mod idle;
 pub mod loadgen;
 pub mod report;
 pub mod tools;

@@ -68,6 +68,24 @@ pub fn vsock_buffer(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(bytes)
 }
 
+/// Registers an owned descriptor with tokio's reactor for `interest` only.
+///
+/// `T` owns its descriptor (it converts to and from [`std::os::fd::OwnedFd`]: a `File`, a
+/// socket, an `OwnedFd`), so the descriptor stays open and unchanged for as long as the
+/// `AsyncFd` holds it, which is what registering requires.
+pub fn register<T>(
+    inner: T,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<T>>
+where
+    T: std::os::fd::AsRawFd + Into<std::os::fd::OwnedFd> + From<std::os::fd::OwnedFd>,
+{
+    // SAFETY: `inner` owns its descriptor (the bound above) and the `AsyncFd` owns `inner`, so
+    // the descriptor is open, and the same one, for the registration's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, interest) }
+        .map_err(std::io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     /// No vsock transport is needed to create an unconnected AF_VSOCK socket and set its buffer;

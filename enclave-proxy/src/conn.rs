@@ -547,7 +547,7 @@ mod tests {
             let (link, host) = tokio::net::UnixStream::pair().unwrap();
             let woken = Arc::new(Flag(AtomicBool::new(true)));
             let conn = Conn::new(
-                Stream::Unix(link),
+                Stream::unix(link).unwrap(),
                 FlowKey {
                     local: remote,
                     remote: local,
@@ -712,7 +712,8 @@ mod tests {
         // The host does not read, so the link fills and the app's bytes wait in our socket.
         let chunk = vec![0x42u8; 16 * 1024];
         let mut sent = 0;
-        for _ in 0..400 {
+        // The link is a Unix socket with a 4 MiB send buffer, so this takes a few hundred turns.
+        for _ in 0..4000 {
             if rig.app().send_queue() == 0 {
                 sent += rig.app().send_slice(&chunk).unwrap();
             }
@@ -886,7 +887,7 @@ mod tests {
             remote: IpEndpoint::new(IpAddress::v4(10, 0, 0, 9), 80),
         };
         let mut conn = Conn::new(
-            Stream::Unix(link),
+            Stream::unix(link).unwrap(),
             key,
             Kind::TcpEgress,
             Instant::now() + std::time::Duration::from_secs(5),

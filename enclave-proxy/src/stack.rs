@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Wake, Waker};
 use std::time::Duration;
 
@@ -109,6 +109,15 @@ pub enum Event {
     },
 }
 
+/// What ended the stack's sleep.
+enum Woke {
+    Tap(std::io::Result<()>),
+    Ready,
+    Event(Event),
+    Timer,
+    Tick,
+}
+
 /// Settings the stack needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -131,11 +140,69 @@ pub struct Settings {
     pub max_pending_per_destination: usize,
 }
 
+/// A map keyed by flows and connections, looked up for every frame.
+///
+/// SipHash, std's default, cost measurable CPU per frame. FxHash would be cheaper still, but it
+/// is unkeyed, and these keys are chosen by untrusted parties (the client's address and port
+/// come from the internet through the parent, egress destinations from the enclave's
+/// applications): with a fixed hash they could be picked to collide, turning every look-up into
+/// a walk. aHash is randomly keyed at start (from the OS) and built to resist that.
+pub type FlowMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 /// Connections that want servicing, and the wake-up for the stack task.
+///
+/// # Never a lost wake-up, and no needless one
+///
+/// A [`ConnWaker`] fires from the stack task itself far more often than from outside: smoltcp
+/// wakes a socket's wakers while the stack feeds it a frame, and the connection is then
+/// serviced in the same turn. If every wake notified the `Notify`, each of those would leave a
+/// permit behind, and the loop would later wake for it only to find nothing to do (under
+/// memcaslap: half of all notifications, about one empty turn in five transactions). So a waker
+/// notifies only while the stack is `asleep`:
+/// - The stack sets `asleep` only under the `list` lock, and only after seeing the list empty
+///   ([`ReadyQueue::sleep`]); a waker pushes its id and reads `asleep` under the same lock. The
+///   lock orders the two: either the push came first, and the stack sees it and does not sleep,
+///   or the waker comes after, sees `asleep`, and notifies (a permit is kept if the stack is not
+///   waiting yet, so it cannot miss it).
+/// - The stack clears `asleep` as soon as it wakes ([`ReadyQueue::awake`]), without the lock:
+///   clearing it only spares wakers a notify, which is safe while the stack is awake, since it
+///   looks at the list again, under the lock, before it next sleeps. (The stack is the only
+///   writer; coherence and the lock keep a waker from reading a stale `false` after the stack
+///   has committed to sleep.)
 #[derive(Debug, Default)]
 struct ReadyQueue {
     list: Mutex<Vec<ConnId>>,
+    /// The stack is waiting, or about to wait, on `notify`.
+    asleep: AtomicBool,
     notify: Notify,
+}
+
+impl ReadyQueue {
+    /// Takes the connections queued so far.
+    fn take(&self) -> Vec<ConnId> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Commits the stack to sleeping, if no connection is queued: from then on a wake notifies.
+    /// Returns false (and the stack stays awake) if one is.
+    fn sleep(&self) -> bool {
+        let list = self.lock();
+        if !list.is_empty() {
+            return false;
+        }
+        self.asleep.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// The list; a panic elsewhere while it was held leaves it whole (a push or a take).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<ConnId>> {
+        self.list.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The stack is awake: wakers need not notify until it next commits to sleep.
+    fn awake(&self) {
+        self.asleep.store(false, Ordering::Relaxed);
+    }
 }
 
 /// A connection's waker: queues its id once until the stack services it.
@@ -152,10 +219,15 @@ impl Wake for ConnWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         if !self.queued.swap(true, Ordering::AcqRel) {
-            if let Ok(mut list) = self.queue.list.lock() {
+            // See `ReadyQueue` for why `asleep` is read under the lock, and why that suffices.
+            let asleep = {
+                let mut list = self.queue.lock();
                 list.push(self.handle);
+                self.queue.asleep.load(Ordering::Relaxed)
+            };
+            if asleep {
+                self.queue.notify.notify_one();
             }
-            self.queue.notify.notify_one();
         }
     }
 }
@@ -169,9 +241,9 @@ struct Entry {
 pub struct Stack {
     shards: Shards,
     tap: Tap,
-    conns: HashMap<ConnId, Entry>,
+    conns: FlowMap<ConnId, Entry>,
     /// Every flow with a pending stream or a socket.
-    flows: HashMap<FlowKey, Flow>,
+    flows: FlowMap<FlowKey, Flow>,
     /// New SYNs seen since the stack last looked (at most one read budget's worth): the stack
     /// applies its caps to each and fails the ones past them at once, never silently.
     held: Vec<HeldSyn>,
@@ -210,8 +282,8 @@ impl Stack {
         let stack = Stack {
             shards,
             tap,
-            conns: HashMap::new(),
-            flows: HashMap::new(),
+            conns: FlowMap::default(),
+            flows: FlowMap::default(),
             held: Vec::new(),
             queue: Arc::new(ReadyQueue::default()),
             events,
@@ -229,8 +301,14 @@ impl Stack {
         (stack, events_tx)
     }
 
-    fn now(&self) -> smoltcp::time::Instant {
-        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    /// `now` on smoltcp's clock, which counts from `epoch`.
+    fn smol(&self, now: Instant) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(now.duration_since(self.epoch).as_micros() as i64)
+    }
+
+    /// A smoltcp deadline on tokio's clock.
+    fn tokio_at(&self, at: smoltcp::time::Instant) -> Instant {
+        self.epoch + Duration::from_micros(at.total_micros().max(0) as u64)
     }
 
     /// Reads a bounded burst of frames from the TAP and hands each to where it belongs.
@@ -243,8 +321,8 @@ impl Stack {
     /// once, as Linux would, by lifting the socket's ACK delay while it takes the frame. (If a
     /// smaller segment already started smoltcp's delayed-ACK timer, that timer still runs: smoltcp
     /// has no call to cut it short.)
-    fn receive(&mut self) {
-        let now = self.now();
+    fn receive(&mut self, now: Instant) {
+        let now = self.smol(now);
         let flows = &self.flows;
         self.tap
             .forget_mss(flows.len(), |key| !flows.contains_key(key));
@@ -305,15 +383,15 @@ impl Stack {
     }
 
     /// Sends what the shards that changed have queued, and fires due timers.
-    fn transmit(&mut self) {
-        let now = self.now();
+    fn transmit(&mut self, now: Instant) {
+        let now = self.smol(now);
         let (_, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
         self.shards.poll(now, &mut wire);
     }
 
     /// Hands one held frame to a shard (the control shard for `None`) at once.
-    fn replay(&mut self, shard: Option<u32>, frame: &[u8]) {
-        let now = self.now();
+    fn replay(&mut self, shard: Option<u32>, frame: &[u8], now: Instant) {
+        let now = self.smol(now);
         let (_, mut wire) = self.tap.split(STACK_MAC, KERNEL_MAC);
         if let Some(packet) = frame.get(ETH_HEADER..) {
             self.shards.receive(shard, packet, now, &mut wire);
@@ -321,35 +399,29 @@ impl Stack {
     }
 
     /// Runs until `shutdown` resolves.
+    ///
+    /// The clock is read once per turn, and every step of the turn takes that `now`; one timer
+    /// is reset each turn rather than a new one made.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
         loop {
+            let now = Instant::now();
             while let Ok(event) = self.events.try_recv() {
-                self.handle_event(event);
+                self.handle_event(event, now);
             }
-            self.receive();
+            self.receive(now);
             for held in std::mem::take(&mut self.held) {
-                self.start_egress(held);
+                self.start_egress(held, now);
             }
-            let ready = self
-                .queue
-                .list
-                .lock()
-                .map(|mut l| std::mem::take(&mut *l))
-                .unwrap_or_default();
-            for id in ready {
-                self.service(id);
+            for id in self.queue.take() {
+                self.service(id, now);
             }
-            self.transmit();
-            let busy = !self.tap.rx_blocked
-                || self
-                    .queue
-                    .list
-                    .lock()
-                    .map(|l| !l.is_empty())
-                    .unwrap_or(false);
+            self.transmit(now);
+            let busy = !self.tap.rx_blocked || !self.queue.sleep();
             if busy {
                 // Let the accept and connect tasks run, then go round again without sleeping;
                 // under steady load the loop may never sleep, so look at the signal and the
@@ -363,27 +435,30 @@ impl Stack {
                 }
                 continue;
             }
-            let now = self.now();
-            let delay = self
-                .shards
-                .poll_at()
-                .map_or(Duration::from_secs(3600), |at| {
-                    Duration::from_micros((at - now.min(at)).total_micros())
-                });
-            tokio::select! {
+            // An absolute deadline: no clock read. One already past fires at once.
+            let at = self.shards.poll_at();
+            let deadline = at.map_or(now + Duration::from_secs(3600), |at| self.tokio_at(at));
+            sleep.as_mut().reset(deadline);
+            let woke = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                r = self.tap.readable() => match r {
-                    Ok(()) => self.tap.rx_blocked = false,
-                    Err(e) => {
-                        warn!("TAP readiness failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                },
-                _ = self.queue.notify.notified() => {}
-                Some(event) = self.events.recv() => self.handle_event(event),
-                _ = tokio::time::sleep(delay) => {}
-                _ = tick.tick() => self.check_deadlines(),
+                r = self.tap.readable() => Woke::Tap(r),
+                _ = self.queue.notify.notified() => Woke::Ready,
+                Some(event) = self.events.recv() => Woke::Event(event),
+                _ = &mut sleep => Woke::Timer,
+                _ = tick.tick() => Woke::Tick,
+            };
+            // Before anything that could fire a waker.
+            self.queue.awake();
+            match woke {
+                Woke::Tap(Ok(())) => self.tap.rx_blocked = false,
+                Woke::Tap(Err(e)) => {
+                    warn!("TAP readiness failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Woke::Event(event) => self.handle_event(event, Instant::now()),
+                Woke::Tick => self.check_deadlines(),
+                Woke::Ready | Woke::Timer => {}
             }
         }
         info!(
@@ -394,20 +469,20 @@ impl Stack {
         );
     }
 
-    fn handle_event(&mut self, event: Event) {
+    fn handle_event(&mut self, event: Event, now: Instant) {
         match event {
-            Event::Egress { held, result, span } => self.finish_egress(held, result, span),
+            Event::Egress { held, result, span } => self.finish_egress(held, result, span, now),
             Event::Ingress {
                 header,
                 link,
                 span,
                 routed,
-            } => self.start_ingress(header, link, span, routed),
+            } => self.start_ingress(header, link, span, routed, now),
         }
     }
 
     /// Asks host-proxy for the connection a new SYN wants.
-    fn start_egress(&mut self, held: HeldSyn) {
+    fn start_egress(&mut self, held: HeldSyn, now: Instant) {
         let span = info_span!(
             "egress",
             tcp.src = %SocketAddr::from(held.key.local),
@@ -427,7 +502,7 @@ impl Stack {
             debug!(parent: &span, "{why}; failing the connect");
             Counters::bump(&self.counters.capped);
             self.flows.remove(&held.key);
-            self.fail_syn(held.frame, Status::Unreachable);
+            self.fail_syn(held.frame, Status::Unreachable, now);
             return;
         }
         *self.pending.entry(dst).or_insert(0) += 1;
@@ -451,7 +526,13 @@ impl Stack {
     }
 
     /// Completes the handshake with the app if host-proxy connected, or makes its connect fail.
-    fn finish_egress(&mut self, held: HeldSyn, result: Result<Stream, Status>, span: Span) {
+    fn finish_egress(
+        &mut self,
+        held: HeldSyn,
+        result: Result<Stream, Status>,
+        span: Span,
+        now: Instant,
+    ) {
         let key = held.key;
         if let Some(waiting) = self.pending.get_mut(&key.remote) {
             *waiting -= 1;
@@ -466,7 +547,7 @@ impl Stack {
                 debug!(parent: &span, "egress failed: {status}");
                 self.counters.failure(status);
                 self.flows.remove(&key);
-                self.fail_syn(held.frame, status);
+                self.fail_syn(held.frame, status, now);
                 return;
             }
         };
@@ -476,13 +557,13 @@ impl Stack {
             common::warn_limited!("cannot listen on {}: {e}", key.remote);
             self.shards.remove_now(id);
             self.flows.remove(&key);
-            self.fail_syn(held.frame, Status::Unreachable);
+            self.fail_syn(held.frame, Status::Unreachable, now);
             return;
         }
         self.flows.insert(key, Flow::Active(id));
         // Process the replayed SYN now, in the socket's own shard, where it is the only socket
         // listening on this destination.
-        self.replay(Some(id.shard), &held.frame);
+        self.replay(Some(id.shard), &held.frame, now);
         let socket = self.shards.socket(id);
         if socket.remote_endpoint() != Some(key.local) {
             common::warn_limited!(state = %socket.state(), "replayed SYN was not taken");
@@ -493,14 +574,14 @@ impl Stack {
         }
         Counters::bump(&self.counters.opened);
         debug!(parent: &span, "destination connected; completing the enclave handshake");
-        self.add_conn(id, link, key, Kind::TcpEgress, span);
+        self.add_conn(id, link, key, Kind::TcpEgress, span, now);
     }
 
     /// Makes the application's connect fail: RST for `refused`, ICMP otherwise.
-    fn fail_syn(&mut self, frame: Vec<u8>, status: Status) {
+    fn fail_syn(&mut self, frame: Vec<u8>, status: Status, now: Instant) {
         match status {
             // With no socket listening, the control shard answers the replayed SYN with a RST.
-            Status::Refused => self.replay(None, &frame),
+            Status::Refused => self.replay(None, &frame, now),
             other => {
                 let why = if other == Status::Denied {
                     Unreachable::Prohibited
@@ -515,7 +596,14 @@ impl Stack {
         }
     }
 
-    fn start_ingress(&mut self, header: Header, link: Stream, span: Span, routed: bool) {
+    fn start_ingress(
+        &mut self,
+        header: Header,
+        link: Stream,
+        span: Span,
+        routed: bool,
+        now: Instant,
+    ) {
         let (tap_addr, _) = self.settings.address;
         let remote = IpEndpoint::new(IpAddress::Ipv4(tap_addr), header.dst.port());
         let refuse = |link: Stream, status: Status, counters: &Counters| {
@@ -550,7 +638,7 @@ impl Stack {
             debug!(parent: &span, %source, "client cannot be a source on the TAP; using the gateway");
         }
         self.flows.insert(key, Flow::Active(id));
-        self.add_conn(id, link, key, Kind::TcpIngress, span);
+        self.add_conn(id, link, key, Kind::TcpIngress, span, now);
     }
 
     /// The source for an ingress connection: the real client if the enclave kernel routes it
@@ -585,27 +673,35 @@ impl Stack {
         None
     }
 
-    fn add_conn(&mut self, handle: ConnId, link: Stream, key: FlowKey, kind: Kind, span: Span) {
+    fn add_conn(
+        &mut self,
+        handle: ConnId,
+        link: Stream,
+        key: FlowKey,
+        kind: Kind,
+        span: Span,
+        now: Instant,
+    ) {
         let waker = Arc::new(ConnWaker {
             handle,
             queue: self.queue.clone(),
             queued: AtomicBool::new(false),
         });
-        let deadline = Instant::now() + self.settings.connect_timeout;
+        let deadline = now + self.settings.connect_timeout;
         let conn = Conn::new(link, key, kind, deadline, Waker::from(waker.clone()), span);
         self.conns.insert(handle, Entry { conn, waker });
         self.count_live(kind, true);
-        self.service(handle);
+        self.service(handle, now);
     }
 
-    fn service(&mut self, handle: ConnId) {
+    fn service(&mut self, handle: ConnId, now: Instant) {
         let Some(entry) = self.conns.get_mut(&handle) else {
             return;
         };
         entry.waker.queued.store(false, Ordering::Release);
         let socket = self.shards.socket_mut(handle);
         let was_connecting = matches!(entry.conn.state, ConnState::Connecting { .. });
-        let outcome = entry.conn.pump(socket, Instant::now(), &mut self.scratch);
+        let outcome = entry.conn.pump(socket, now, &mut self.scratch);
         if was_connecting
             && entry.conn.kind == Kind::TcpIngress
             && !matches!(entry.conn.state, ConnState::Connecting { .. })
@@ -663,7 +759,7 @@ impl Stack {
             .map(|(h, _)| *h)
             .collect();
         for handle in due {
-            self.service(handle);
+            self.service(handle, now);
         }
     }
 
@@ -703,5 +799,95 @@ fn ipv4_of(ip: IpAddr) -> Option<Ipv4Addr> {
     match ip {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's waker on `queue`, kept as its `ConnWaker` so the test can clear `queued`
+    /// as [`Stack::service`] does.
+    fn conn_waker(queue: &Arc<ReadyQueue>) -> (ConnId, Arc<ConnWaker>) {
+        let mut set = smoltcp::iface::SocketSet::new(vec![]);
+        let id = ConnId {
+            shard: 1,
+            handle: set.add(new_socket(64)),
+        };
+        let waker = Arc::new(ConnWaker {
+            handle: id,
+            queue: queue.clone(),
+            queued: AtomicBool::new(false),
+        });
+        (id, waker)
+    }
+
+    fn permit(queue: &ReadyQueue) -> bool {
+        queue.notify.notified().now_or_never().is_some()
+    }
+
+    /// A wake while the stack runs only queues the connection (a permit would cost an empty
+    /// turn later); one after the stack committed to sleep notifies too; and the stack never
+    /// commits to sleep past a queued connection.
+    #[test]
+    fn wakes_notify_only_a_sleeping_stack() {
+        let queue = Arc::new(ReadyQueue::default());
+        let (id, waker) = conn_waker(&queue);
+        waker.wake_by_ref();
+        assert!(!permit(&queue), "the running stack was notified");
+        assert!(!queue.sleep(), "slept with a connection queued");
+        assert_eq!(queue.take(), [id]);
+        waker.queued.store(false, Ordering::Release);
+
+        assert!(queue.sleep());
+        let from_elsewhere = waker.clone();
+        std::thread::spawn(move || Waker::from(from_elsewhere).wake())
+            .join()
+            .unwrap();
+        assert!(permit(&queue), "the sleeping stack was not notified");
+        queue.awake();
+        assert_eq!(queue.take(), [id]);
+        waker.queued.store(false, Ordering::Release);
+        waker.wake_by_ref();
+        assert!(!permit(&queue));
+    }
+
+    /// Another thread wakes a connection again as soon as the stack has taken it, at every
+    /// point of the stack's turn: the stack, run as `Stack::run` runs it, sees every wake and
+    /// never sleeps through one.
+    #[tokio::test]
+    async fn no_wake_is_lost_between_threads() {
+        const WAKES: usize = 20_000;
+        let queue = Arc::new(ReadyQueue::default());
+        let (_, waker) = conn_waker(&queue);
+        let other = waker.clone();
+        let thread = std::thread::spawn(move || {
+            for i in 0..WAKES {
+                while other.queued.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                if i % 7 == 0 {
+                    std::thread::yield_now();
+                }
+                other.wake_by_ref();
+            }
+        });
+        let mut seen = 0;
+        loop {
+            for _ in queue.take() {
+                waker.queued.store(false, Ordering::Release);
+                seen += 1;
+            }
+            if seen == WAKES {
+                break;
+            }
+            if queue.sleep() {
+                let woke = tokio::time::timeout(Duration::from_secs(5), queue.notify.notified());
+                woke.await
+                    .unwrap_or_else(|_| panic!("wake {seen} was lost: the stack slept through it"));
+            }
+            queue.awake();
+        }
+        thread.join().unwrap();
     }
 }

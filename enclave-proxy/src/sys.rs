@@ -87,8 +87,5 @@ pub fn set_offload(tap: &File, flags: u32) -> io::Result<()> {
 
 /// Registers the TAP with the tokio reactor for read readiness.
 pub fn register_tap(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {
-    // SAFETY: `File` owns its descriptor, keeps it open until it is dropped, and always returns
-    // the same descriptor from `as_raw_fd`; the `AsyncFd` owns the `File` for its whole life.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)
+    common::sys::register(file, tokio::io::Interest::READABLE)
 }

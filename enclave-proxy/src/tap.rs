@@ -19,7 +19,6 @@
 //! The kernel may refuse TSO (`TUNSETOFFLOAD`); the TAP then runs as with `--offload off`, and
 //! says so in the log.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 
@@ -30,6 +29,7 @@ use tracing::{info, warn};
 use crate::config::Offload;
 use crate::packet::{self, FlowKey, Gso, VnetHdr};
 use crate::shard::Wire;
+use crate::stack::FlowMap;
 use crate::sys::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
 /// Ethernet header length.
@@ -76,8 +76,9 @@ pub struct Tap {
     /// Whether TSO is in use: frames may be super-frames both ways.
     tso: bool,
     /// The real MSS of each flow whose SYN or SYN-ACK had its MSS raised, by the flow as
-    /// [`crate::packet::classify`] names it.
-    real_mss: HashMap<FlowKey, u16>,
+    /// [`crate::packet::classify`] names it. Keyed by addresses the internet chooses, hence a
+    /// [`FlowMap`].
+    real_mss: FlowMap<FlowKey, u16>,
     /// The smallest value in `real_mss` (`u16::MAX` when empty): a segment no larger than this
     /// needs no look-up.
     min_mss: u16,
@@ -97,7 +98,7 @@ pub struct TapWire<'a> {
     dropped: &'a mut u64,
     stats: &'a mut TapStats,
     /// With TSO on: each flow's real MSS, and the smallest of them.
-    real_mss: Option<(&'a HashMap<FlowKey, u16>, u16)>,
+    real_mss: Option<(&'a FlowMap<FlowKey, u16>, u16)>,
     src: EthernetAddress,
     dst: EthernetAddress,
 }
@@ -148,7 +149,7 @@ impl Tap {
             rx: vec![0u8; rx_frame].into_boxed_slice(),
             tx: vec![0u8; frame].into_boxed_slice(),
             tso,
-            real_mss: HashMap::new(),
+            real_mss: FlowMap::default(),
             min_mss: u16::MAX,
             rx_blocked: false,
             tx_dropped: 0,
@@ -412,7 +413,7 @@ mod tests {
     /// with its header.
     fn send_through(
         mtu: usize,
-        real_mss: Option<&HashMap<FlowKey, u16>>,
+        real_mss: Option<&FlowMap<FlowKey, u16>>,
         packets: &[Vec<u8>],
     ) -> (Vec<(VnetHdr, Vec<u8>)>, TapStats) {
         let path = std::env::temp_dir().join(format!(
@@ -467,7 +468,7 @@ mod tests {
         let small = data_packet(&[2u8; 1400], false);
         let mut other_flow = data_packet(&[3u8; 8000], false);
         other_flow[20 + 2..20 + 4].copy_from_slice(&40001u16.to_be_bytes());
-        let mut real_mss = HashMap::new();
+        let mut real_mss = FlowMap::default();
         real_mss.insert(flow(), 1460);
 
         let packets = [big.clone(), small.clone(), other_flow.clone()];

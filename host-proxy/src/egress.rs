@@ -10,12 +10,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use common::handshake::{read_header, write_status};
-use common::metrics::Counters;
+use common::metrics::{Counters, LiveGuard};
 use common::transport::{Listener, Stream};
 use common::wire::{Kind, Status};
 use tokio::net::TcpStream;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info_span, Instrument, Span};
 
+use crate::limits::EgressPermit;
 use crate::policy::Action;
 use crate::Shared;
 
@@ -23,65 +24,82 @@ use crate::Shared;
 pub async fn serve(listener: Listener, shared: Arc<Shared>) {
     common::serve::accept_loop(listener, "egress", |stream, peer, id| {
         let span = info_span!("egress", conn.id = id, link.peer = %peer);
-        tokio::spawn(handle(stream, shared.clone()).instrument(span));
+        tokio::spawn(handle(stream, shared.clone(), span));
     })
     .await;
 }
 
-async fn handle(mut link: Stream, shared: Arc<Shared>) {
-    // Taken before the header is read, so streams stuck in the handshake count too; held until
-    // the connection is over, however it ends.
-    let _permit = match shared.caps.egress() {
+/// Carries one stream. Only the set-up runs inside `span` (`.instrument`); the splice, the
+/// task's busiest part, logs its end in the `tcp` span beneath it without running inside either
+/// (see [`crate::splice::pump`]).
+async fn handle(mut link: Stream, shared: Arc<Shared>, span: Span) {
+    let set_up = set_up(&mut link, &shared).instrument(span);
+    // The permit and the gauge are held until the connection is over, however it ends.
+    let Some((_permit, _live, mut tcp, span)) = set_up.await else {
+        return;
+    };
+    let idle = shared.config.idle_timeout;
+    crate::splice::pump(&mut tcp, &mut link, &shared.counters, idle, &span).await;
+    // Both sockets close before the slot is given back.
+    drop((tcp, link));
+}
+
+/// Admits the stream under the cap, reads its header and connects where it asks; returns the
+/// connection and its `tcp` span, or `None` once the stream has been answered otherwise.
+async fn set_up<'a>(
+    link: &mut Stream,
+    shared: &'a Shared,
+) -> Option<(EgressPermit<'a>, LiveGuard<'a>, TcpStream, Span)> {
+    // Taken before the header is read, so streams stuck in the handshake count too.
+    let permit = match shared.caps.egress() {
         Ok(permit) => permit,
         Err(cap) => {
             // The enclave application's connect() fails at once rather than waiting.
             debug!("{cap}, refusing egress stream");
             Counters::bump(&shared.counters.capped);
-            let _ = write_status(&mut link, Status::Unreachable).await;
-            return;
+            let _ = write_status(link, Status::Unreachable).await;
+            return None;
         }
     };
-    let _live = shared.counters.live(&shared.counters.live_egress);
-    let header = match read_header(&mut link, shared.config.handshake_timeout).await {
+    let live = shared.counters.live(&shared.counters.live_egress);
+    let header = match read_header(link, shared.config.handshake_timeout).await {
         Ok(h) => h,
         Err(e) => {
             common::warn_limited!("dropping egress stream: {e}");
             Counters::bump(&shared.counters.failed);
-            let _ = write_status(&mut link, Status::BadRequest).await;
-            return;
+            let _ = write_status(link, Status::BadRequest).await;
+            return None;
         }
     };
     if header.kind != Kind::TcpEgress {
         common::warn_limited!(kind = ?header.kind, "dropping stream: not an egress request");
         Counters::bump(&shared.counters.failed);
-        let _ = write_status(&mut link, Status::BadRequest).await;
-        return;
+        let _ = write_status(link, Status::BadRequest).await;
+        return None;
     }
     let span = info_span!("tcp", tcp.src = %header.src, tcp.dst = %header.dst);
-    carry(link, header.dst, &shared).instrument(span).await;
+    let tcp = open(link, header.dst, shared)
+        .instrument(span.clone())
+        .await?;
+    Some((permit, live, tcp, span))
 }
 
-async fn carry(mut link: Stream, dst: SocketAddr, shared: &Shared) {
-    let mut tcp = match connect(dst, shared).await {
+/// Connects to `dst` and answers the stream with the status; `None` unless both succeeded.
+async fn open(link: &mut Stream, dst: SocketAddr, shared: &Shared) -> Option<TcpStream> {
+    let tcp = match connect(dst, shared).await {
         Ok(tcp) => tcp,
         Err(status) => {
             shared.counters.failure(status);
-            let _ = write_status(&mut link, status).await;
-            return;
+            let _ = write_status(link, status).await;
+            return None;
         }
     };
-    if let Err(e) = write_status(&mut link, Status::Ok).await {
+    if let Err(e) = write_status(link, Status::Ok).await {
         debug!("enclave went away before the status: {e}");
-        return;
+        return None;
     }
     Counters::bump(&shared.counters.opened);
-    crate::splice::pump(
-        &mut tcp,
-        &mut link,
-        &shared.counters,
-        shared.config.idle_timeout,
-    )
-    .await;
+    Some(tcp)
 }
 
 /// Applies the policy and connects, mapping every failure to the status the enclave sees.

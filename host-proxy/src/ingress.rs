@@ -13,11 +13,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use common::handshake::{read_status, write_header};
-use common::metrics::Counters;
+use common::metrics::{Counters, LiveGuard};
+use common::transport::Stream;
 use common::wire::{Header, Kind, Status};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info_span, Instrument, Span};
 
+use crate::limits::IngressPermit;
 use crate::splice::{pump, reset};
 use crate::Shared;
 
@@ -26,30 +28,61 @@ pub async fn serve(listener: TcpListener, enclave_port: u16, shared: Arc<Shared>
     common::serve::accept_loop(listener, "ingress", |tcp, peer, id| {
         let span =
             info_span!("ingress", conn.id = id, tcp.peer = %peer, enclave.port = enclave_port);
-        tokio::spawn(handle(tcp, enclave_port, shared.clone()).instrument(span));
+        tokio::spawn(handle(tcp, enclave_port, shared.clone(), span));
     })
     .await;
 }
 
-async fn handle(tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>) {
-    let Ok(peer) = tcp.peer_addr() else {
-        return; // The client is already gone.
+/// Carries one client. Only the set-up runs inside `span` (`.instrument`); the splice, the
+/// task's busiest part, logs its end in a `splice` span beneath it without running inside
+/// either (see [`pump`]).
+async fn handle(tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>, span: Span) {
+    let set_up = set_up(tcp, enclave_port, &shared).instrument(span.clone());
+    // The permit and the gauge are held until the connection is over, however it ends.
+    let Some((_permit, _live, mut tcp, mut link)) = set_up.await else {
+        return;
     };
-    // Held until the connection is over, however it ends.
-    let _permit = match shared.caps.ingress(peer.ip()) {
+    let span = info_span!(parent: &span, "splice");
+    let idle = shared.config.idle_timeout;
+    pump(&mut tcp, &mut link, &shared.counters, idle, &span).await;
+}
+
+/// Admits the client under the caps and opens its stream to the enclave; `None` once the client
+/// has been reset (or was already gone).
+async fn set_up(
+    tcp: TcpStream,
+    enclave_port: u16,
+    shared: &Shared,
+) -> Option<(IngressPermit<'_>, LiveGuard<'_>, TcpStream, Stream)> {
+    let Ok(peer) = tcp.peer_addr() else {
+        return None; // The client is already gone.
+    };
+    let permit = match shared.caps.ingress(peer.ip()) {
         Ok(permit) => permit,
         Err(cap) => {
             debug!("{cap}, resetting client");
             Counters::bump(&shared.counters.capped);
-            return reset(&tcp);
+            reset(&tcp);
+            return None;
         }
     };
-    let _live = shared.counters.live(&shared.counters.live_ingress);
+    let live = shared.counters.live(&shared.counters.live_ingress);
     crate::limits::keepalive(&tcp);
-    carry(tcp, peer, enclave_port, &shared).await;
+    let Some(link) = open(&tcp, peer, enclave_port, shared).await else {
+        drop(tcp); // Closed before its slots are given back, as after a splice.
+        return None;
+    };
+    Some((permit, live, tcp, link))
 }
 
-async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: &Shared) {
+/// Opens the client's stream to the enclave and waits for its `ok`; otherwise resets the client
+/// and returns `None`.
+async fn open(
+    tcp: &TcpStream,
+    peer: SocketAddr,
+    enclave_port: u16,
+    shared: &Shared,
+) -> Option<Stream> {
     let local = tcp.local_addr().unwrap_or(peer);
     let enclave = &shared.config.enclave;
     let limit = shared.config.handshake_timeout;
@@ -58,12 +91,14 @@ async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: 
         Ok(Err(e)) => {
             common::warn_limited!(%enclave, "enclave unreachable, resetting client: {e}");
             Counters::bump(&shared.counters.failed);
-            return reset(&tcp);
+            reset(tcp);
+            return None;
         }
         Err(_) => {
             common::warn_limited!(%enclave, "enclave did not accept within {limit:?}, resetting client");
             Counters::bump(&shared.counters.failed);
-            return reset(&tcp);
+            reset(tcp);
+            return None;
         }
     };
     let header = Header {
@@ -74,7 +109,8 @@ async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: 
     if let Err(e) = write_header(&mut link, &header).await {
         common::warn_limited!(%enclave, "enclave link failed, resetting client: {e}");
         Counters::bump(&shared.counters.failed);
-        return reset(&tcp);
+        reset(tcp);
+        return None;
     }
     // The enclave's own connect is bounded by the same timeout as ours; allow for both.
     let status_limit = shared.config.connect_timeout + limit;
@@ -83,21 +119,16 @@ async fn carry(mut tcp: TcpStream, peer: SocketAddr, enclave_port: u16, shared: 
         Ok(status) => {
             debug!("enclave answered {status}, resetting client");
             shared.counters.failure(status);
-            return reset(&tcp);
+            reset(tcp);
+            return None;
         }
         Err(e) => {
             common::warn_limited!(%enclave, "no valid status from the enclave, resetting client: {e}");
             Counters::bump(&shared.counters.failed);
-            return reset(&tcp);
+            reset(tcp);
+            return None;
         }
     }
     Counters::bump(&shared.counters.opened);
-    pump(
-        &mut tcp,
-        &mut link,
-        &shared.counters,
-        shared.config.idle_timeout,
-    )
-    .instrument(info_span!("splice"))
-    .await;
+    Some(link)
 }

@@ -8,6 +8,7 @@
 
 pub mod cleanup;
 pub mod docker;
+pub mod idle;
 pub mod lab;
 pub mod netns;
 pub mod process;

@@ -27,11 +27,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use enclave_net_benches::idle::{self, Idle};
 use enclave_net_benches::loadgen;
 use enclave_net_benches::report::{self, PathResult, TABLES};
 use enclave_net_benches::tools::{self, cpu_secs, iperf3, memcaslap, peak_rss_mib};
 use enclave_net_tests::docker::{IPERF3_IMAGE, MEMCACHED_IMAGE};
+use enclave_net_tests::idle::{self, Idle};
 use enclave_net_tests::lab::Lab;
 use enclave_net_tests::netns::Netns;
 use enclave_net_tests::process::Daemon;
@@ -469,7 +469,7 @@ fn scale(lab: &Lab, args: &Args, clock: &Clock, r: &mut PathResult) {
     ));
     let idle = Idle::open(
         &topo.client,
-        SocketAddr::from(([10, 99, 0, 1], PAIR_IDLE)),
+        &[SocketAddr::from(([10, 99, 0, 1], PAIR_IDLE))],
         &sources,
         n,
         &|| idle::held(&holder.log_text()),
