@@ -88,6 +88,19 @@ fn live(topo: &Topology, second: &Daemon) -> (u64, u64, u64) {
     )
 }
 
+/// Waits up to 10 s for the live ingress gauges of both host-proxies and enclave-proxy to read
+/// `want`.
+fn live_becomes(topo: &Topology, second: &Daemon, want: (u64, u64, u64), what: &str) {
+    wait_for(10, what, || {
+        let now = live(topo, second);
+        if now == want {
+            Ok(now)
+        } else {
+            Err(format!("{now:?}, want {want:?}"))
+        }
+    });
+}
+
 #[test]
 fn s01_ten_thousand_idle_connections_are_held_through_a_64mib_transfer() {
     require_root();
@@ -165,17 +178,11 @@ fn s01_ten_thousand_idle_connections_are_held_through_a_64mib_transfer() {
     });
     let opened = started.elapsed();
     let want = (per_host as u64, per_host as u64, IDLE as u64);
-    wait_for(
-        10,
+    live_becomes(
+        &topo,
+        &second,
+        want,
         "live ingress gauges (host-proxy, host-proxy #2, enclave-proxy)",
-        || {
-            let now = live(&topo, &second);
-            if now == want {
-                Ok(now)
-            } else {
-                Err(format!("{now:?}, want {want:?}"))
-            }
-        },
     );
     let rss_after = [
         topo.host().rss_kib(),
@@ -262,17 +269,11 @@ fn s01_ten_thousand_idle_connections_are_held_through_a_64mib_transfer() {
 
     // Every idle connection is still open: at both ends, and in both daemons once the
     // transfer's own connection has gone.
-    wait_for(
-        10,
+    live_becomes(
+        &topo,
+        &second,
+        want,
         "live ingress gauges back to the idle ones after the transfer",
-        || {
-            let now = live(&topo, &second);
-            if now == want {
-                Ok(now)
-            } else {
-                Err(format!("{now:?}, want {want:?}"))
-            }
-        },
     );
     // The holder drops ended connections once a second: give it a scan.
     std::thread::sleep(Duration::from_millis(1500));
