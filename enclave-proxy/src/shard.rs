@@ -476,26 +476,32 @@ mod tests {
         assert_eq!(s.add(crate::stack::new_socket(4096), &mut wire).shard, 2);
     }
 
+    /// `n` new sockets connecting (each sends a SYN at the next poll).
+    fn connecting(s: &mut Shards, n: u16, wire: &mut Queue) -> Vec<ConnId> {
+        (0..n)
+            .map(|i| {
+                let id = s.add(crate::stack::new_socket(4096), wire);
+                s.connect(
+                    id,
+                    IpEndpoint::new(IpAddress::v4(10, 240, 0, 2), 8080),
+                    IpListenEndpoint {
+                        addr: Some(IpAddress::v4(203, 0, 113, 7)),
+                        port: 40000 + i,
+                    },
+                )
+                .unwrap();
+                id
+            })
+            .collect()
+    }
+
     /// Connections in many shards: each one's SYN goes out, a timer of a shard that receives
     /// nothing still fires (the SYN is retransmitted), and nothing else is polled needlessly.
     #[test]
     fn timers_fire_in_shards_that_receive_nothing() {
         let mut wire = Queue::default();
         let mut s = shards(4, &mut wire);
-        let mut ids = Vec::new();
-        for i in 0..12u16 {
-            let id = s.add(crate::stack::new_socket(4096), &mut wire);
-            s.connect(
-                id,
-                IpEndpoint::new(IpAddress::v4(10, 240, 0, 2), 8080),
-                IpListenEndpoint {
-                    addr: Some(IpAddress::v4(203, 0, 113, 7)),
-                    port: 40000 + i,
-                },
-            )
-            .unwrap();
-            ids.push(id);
-        }
+        let ids = connecting(&mut s, 12, &mut wire);
         s.poll(Instant::from_millis(0), &mut wire);
         assert_eq!(wire.sent.len(), 12, "one SYN per connection");
         wire.sent.clear();
@@ -518,18 +524,7 @@ mod tests {
     fn timers_fire_when_the_loop_never_sleeps() {
         let mut wire = Queue::default();
         let mut s = shards(4, &mut wire);
-        for i in 0..12u16 {
-            let id = s.add(crate::stack::new_socket(4096), &mut wire);
-            s.connect(
-                id,
-                IpEndpoint::new(IpAddress::v4(10, 240, 0, 2), 8080),
-                IpListenEndpoint {
-                    addr: Some(IpAddress::v4(203, 0, 113, 7)),
-                    port: 40000 + i,
-                },
-            )
-            .unwrap();
-        }
+        connecting(&mut s, 12, &mut wire);
         let mut now = Instant::from_millis(0);
         s.poll(now, &mut wire);
         assert_eq!(wire.sent.len(), 12, "one SYN per connection");
