@@ -16,6 +16,7 @@
 //!  type 2 FIN   length 0: this direction is finished (TCP FIN, half-close)
 //!  type 3 RST   length 0: the connection was aborted (TCP RST); nothing more follows
 //!  type 4       reserved for datagrams (UDP), with flags bit 0 "more of this datagram follows"
+//!  type 5 CREDIT  flags and length together: a 24-bit amount of window given back (1..=WINDOW)
 //!  flags        0 for types 1-3
 //! ```
 //!
@@ -35,6 +36,35 @@
 //! An end-of-direction marker in band also makes half-close work over transports that cannot
 //! carry `shutdown(WR)` themselves (the hybrid vsock side of `vhost-device-vsock` drops it).
 //!
+//! # The window (protocol version 3)
+//!
+//! vsock meters its flow control in bytes only, but since Linux 6.12.92 a receiver also resets
+//! a connection once the *number* of packets queued on it costs more than its buffer: every
+//! queued packet costs about 576 bytes of bookkeeping, so 455 packets fill the default 256 KiB
+//! whatever they carry (DESIGN.md). A sender that trickles small frames to a receiver that has
+//! stopped reading gets there long before the byte credit runs out. So each direction has a
+//! window that counts both bytes and frames:
+//!
+//! - every DATA frame costs its length with header, but at least [`MIN_COST`]; a side may have at
+//!   most [`WINDOW`] of cost unreturned, hence at most [`WINDOW_FRAMES`] frames and
+//!   [`WINDOW`] bytes;
+//! - the receiver returns a frame's cost in CREDIT frames: the part above the payload as soon as
+//!   the frame is read off the link, the payload once it has been handed on (written to the TCP
+//!   peer, or queued on the smoltcp socket). It sends a CREDIT once [`CREDIT_EVERY`] is owed, so
+//!   a sender at the window is always answered, with one 4-byte frame per quarter window;
+//! - because everything a peer may send fits the window, a receiver reads its link at all times,
+//!   keeping payload it cannot hand on yet in a backlog (at most [`WINDOW`] bytes). CREDITs
+//!   therefore never wait behind unread data: a window whose ACKs queue behind data deadlocks an
+//!   application that writes everything before it reads (found by the 64 MiB each-way test);
+//! - a sender whose window is closed stops reading its own source. The bytes wait in the kernel
+//!   (or in smoltcp) and leave as one large frame when credit returns: under back-pressure frames
+//!   grow, they never trickle. At most `WINDOW_FRAMES` DATA frames plus a few CREDITs are ever
+//!   queued on a link, well under the 455 of the smallest vsock buffer.
+//!
+//! CREDIT frames travel in the other direction's frame sequence, so they may follow its FIN. A
+//! peer that sends beyond the window, or returns more than it was sent, is broken: the stream is
+//! reset.
+//!
 //! Decoding is sans-IO: a [`Deframer`] takes bytes in any split and says what they were.
 
 use crate::transport::MAX_WRITE;
@@ -47,6 +77,24 @@ pub const MAX_DATA: usize = MAX_WRITE - FRAME_HEADER_LEN;
 const TYPE_DATA: u8 = 1;
 const TYPE_FIN: u8 = 2;
 const TYPE_RST: u8 = 3;
+const TYPE_CREDIT: u8 = 5;
+
+/// The most cost a side may have sent and not had returned: 1 MiB covers a Nitro vsock stream's
+/// bandwidth-delay product (about 10 Gbit/s × 124 µs = 155 KB) several times over, and is what a
+/// receiver may have to hold for one direction of one connection.
+pub const WINDOW: usize = 1 << 20;
+/// The most DATA frames a side may have unreturned: 128 frames and as many CREDITs stay far
+/// below the 455 queued packets at which a 256 KiB vsock buffer resets.
+pub const WINDOW_FRAMES: usize = 128;
+/// What the smallest DATA frame costs.
+pub const MIN_COST: usize = WINDOW / WINDOW_FRAMES;
+/// A receiver returns cost once this much is owed.
+pub const CREDIT_EVERY: usize = WINDOW / 4;
+
+/// What a DATA frame of `len` payload bytes costs against the window.
+pub fn cost(len: usize) -> usize {
+    (len + FRAME_HEADER_LEN).max(MIN_COST)
+}
 
 /// The FIN frame: this direction is finished.
 pub const FIN: [u8; FRAME_HEADER_LEN] = [TYPE_FIN, 0, 0, 0];
@@ -58,6 +106,13 @@ pub fn data_header(len: usize) -> [u8; FRAME_HEADER_LEN] {
     debug_assert!((1..=MAX_DATA).contains(&len), "DATA frame of {len} bytes");
     let [hi, lo] = (len as u16).to_be_bytes();
     [TYPE_DATA, 0, hi, lo]
+}
+
+/// The CREDIT frame returning `amount` (1 to [`WINDOW`]) of the window.
+pub fn credit(amount: usize) -> [u8; FRAME_HEADER_LEN] {
+    debug_assert!((1..=WINDOW).contains(&amount), "CREDIT of {amount}");
+    let [_, a, b, c] = (amount as u32).to_be_bytes();
+    [TYPE_CREDIT, a, b, c]
 }
 
 /// Why bytes are not a valid frame sequence. Every one of these ends the connection with a reset.
@@ -85,9 +140,23 @@ pub enum FrameError {
         /// Its length field.
         len: usize,
     },
-    /// Bytes other than a RST followed a FIN, or anything followed a RST.
+    /// Bytes other than a RST or a CREDIT followed a FIN, or anything followed a RST.
     #[error("bytes after the end of the direction")]
     AfterEnd,
+    /// A CREDIT returned nothing, or more than the window.
+    #[error("CREDIT of {0} (must be 1 to {WINDOW})")]
+    CreditAmount(usize),
+    /// A CREDIT returned more than was sent and not yet returned.
+    #[error("CREDIT of {amount} when {outstanding} was outstanding")]
+    CreditBeyondSent {
+        /// The CREDIT's amount.
+        amount: usize,
+        /// Cost sent and not yet returned.
+        outstanding: usize,
+    },
+    /// The peer sent more than the window before it was returned.
+    #[error("DATA beyond the window of {WINDOW}")]
+    OverWindow,
 }
 
 /// What a run of decoded bytes was.
@@ -99,6 +168,8 @@ pub enum Chunk {
     Fin,
     /// The connection was aborted.
     Rst,
+    /// The peer returned this much of our window.
+    Credit(usize),
 }
 
 /// How a direction of a stream has ended, if it has.
@@ -122,6 +193,10 @@ pub struct Deframer {
     end: End,
     /// The first error: once the stream is known bad, every later byte is refused with it.
     error: Option<FrameError>,
+    /// Cost of the DATA frames read and not yet returned: at most [`WINDOW`].
+    held: usize,
+    /// The part of `held` that is free again and owed to the peer.
+    owed: usize,
 }
 
 impl Deframer {
@@ -143,6 +218,24 @@ impl Deframer {
     /// Payload bytes of the current DATA frame not yet decoded.
     pub fn data_left(&self) -> usize {
         self.data_left
+    }
+
+    /// Notes that `n` payload bytes have been handed on (to the TCP peer or the socket), so
+    /// their cost is owed back to the peer.
+    pub fn delivered(&mut self, n: usize) {
+        self.owed += n;
+        debug_assert!(self.owed <= self.held, "delivered more than was read");
+    }
+
+    /// The CREDIT frame to send now, if [`CREDIT_EVERY`] is owed. Taking it counts the cost
+    /// returned; the caller must send it. Once the peer has ended its direction it sends no
+    /// more DATA, so it is owed nothing (and may already have closed the link).
+    pub fn credit_due(&mut self) -> Option<[u8; FRAME_HEADER_LEN]> {
+        if self.owed < CREDIT_EVERY || self.end != End::Open {
+            return None;
+        }
+        self.held -= self.owed;
+        Some(credit(std::mem::take(&mut self.owed)))
     }
 
     /// Header bytes still needed before the next frame is known (0 inside a DATA payload).
@@ -174,13 +267,15 @@ impl Deframer {
     }
 
     fn decode_inner(&mut self, input: &[u8]) -> Result<(usize, Option<Chunk>), FrameError> {
-        // After a FIN only a RST may follow (TCP allows a reset after a half-close).
+        // After a FIN only a RST (TCP allows a reset after a half-close) or a CREDIT (for the
+        // other direction) may follow.
         let kind = if self.have == 0 {
             input[0]
         } else {
             self.header[0]
         };
-        if self.end == End::Rst || (self.end == End::Fin && kind != TYPE_RST) {
+        if self.end == End::Rst || (self.end == End::Fin && !matches!(kind, TYPE_RST | TYPE_CREDIT))
+        {
             return Err(FrameError::AfterEnd);
         }
         if self.data_left > 0 {
@@ -197,6 +292,13 @@ impl Deframer {
         self.have = 0;
         let [kind, flags, hi, lo] = self.header;
         let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if kind == TYPE_CREDIT {
+            let amount = (usize::from(flags) << 16) | len;
+            if amount == 0 || amount > WINDOW {
+                return Err(FrameError::CreditAmount(amount));
+            }
+            return Ok((take, Some(Chunk::Credit(amount))));
+        }
         if !matches!(kind, TYPE_DATA | TYPE_FIN | TYPE_RST) {
             return Err(FrameError::UnknownType(kind));
         }
@@ -208,6 +310,13 @@ impl Deframer {
                 if len == 0 || len > MAX_DATA {
                     return Err(FrameError::DataLength(len));
                 }
+                let cost = cost(len);
+                if self.held + cost > WINDOW {
+                    return Err(FrameError::OverWindow);
+                }
+                self.held += cost;
+                // The frame is off the link: all but its payload is free already.
+                self.owed += cost - len;
                 let n = len.min(input.len() - take);
                 self.data_left = len - n;
                 if n == 0 {
@@ -228,6 +337,80 @@ impl Deframer {
     }
 }
 
+/// The sender's side of the window: how much it has sent and not had returned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendWindow {
+    outstanding: usize,
+}
+
+impl SendWindow {
+    /// The most payload the next DATA frame may carry now (0: the window is closed). Reading no
+    /// more than this from the source, and framing what was read, keeps within the window.
+    pub fn room(&self) -> usize {
+        let free = WINDOW - self.outstanding;
+        if free < MIN_COST {
+            0
+        } else {
+            (free - FRAME_HEADER_LEN).min(MAX_DATA)
+        }
+    }
+
+    /// Counts a DATA frame of `len` payload bytes sent (at most [`SendWindow::room`]).
+    pub fn sent(&mut self, len: usize) {
+        debug_assert!(len <= self.room(), "DATA frame of {len} beyond the window");
+        self.outstanding += cost(len);
+    }
+
+    /// Applies the peer's CREDIT of `amount`.
+    pub fn credited(&mut self, amount: usize) -> Result<(), FrameError> {
+        if amount > self.outstanding {
+            return Err(FrameError::CreditBeyondSent {
+                amount,
+                outstanding: self.outstanding,
+            });
+        }
+        self.outstanding -= amount;
+        Ok(())
+    }
+}
+
+/// Payload read off the link that its destination cannot take yet. The peer keeps within the
+/// window, so it never holds more than [`WINDOW`] bytes; memory is held only while it is in use.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    bytes: std::collections::VecDeque<u8>,
+}
+
+impl Backlog {
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Queues payload behind what is waiting.
+    pub fn push(&mut self, payload: &[u8]) {
+        self.bytes.extend(payload);
+    }
+
+    /// The oldest waiting bytes, in one piece (the rest follows once it is consumed).
+    pub fn front(&self) -> &[u8] {
+        self.bytes.as_slices().0
+    }
+
+    /// Drops the first `n` bytes, which have been handed on; once empty, frees a large buffer.
+    pub fn consume(&mut self, n: usize) {
+        self.bytes.drain(..n);
+        if self.bytes.is_empty() && self.bytes.capacity() > 64 * 1024 {
+            self.bytes = std::collections::VecDeque::new();
+        }
+    }
+}
+
 /// Encodes `payload` as DATA frames followed by `end` (FIN or RST), for tests and tools.
 pub fn encode_all(payload: &[u8], end: Option<Chunk>) -> Vec<u8> {
     let mut out =
@@ -244,8 +427,9 @@ pub fn encode_all(payload: &[u8], end: Option<Chunk>) -> Vec<u8> {
     out
 }
 
-/// Decodes a whole byte string: the payload, how the direction ended, and any error. Used by
-/// tests and the fuzz target.
+/// Decodes a whole byte string: the payload, how the direction ended, and any error, as a
+/// reader that hands payload on at once and returns credit as it goes (CREDITs it receives are
+/// skipped). Used by tests and the fuzz target.
 pub fn decode_all(mut input: &[u8], split: usize) -> (Vec<u8>, End, Result<(), FrameError>) {
     let mut d = Deframer::new();
     let mut payload = Vec::new();
@@ -258,7 +442,9 @@ pub fn decode_all(mut input: &[u8], split: usize) -> (Vec<u8>, End, Result<(), F
                 Ok((used, chunk)) => {
                     if let Some(Chunk::Data(n)) = chunk {
                         payload.extend_from_slice(&piece[at + used - n..at + used]);
+                        d.delivered(n);
                     }
+                    let _ = d.credit_due();
                     at += used;
                 }
                 Err(e) => return (payload, d.end(), Err(e)),
@@ -281,6 +467,113 @@ mod tests {
         assert_eq!(FRAME_HEADER_LEN + MAX_DATA, 32 * 1024);
         assert_eq!(FIN, [2, 0, 0, 0]);
         assert_eq!(RST, [3, 0, 0, 0]);
+        assert_eq!(credit(CREDIT_EVERY), [5, 4, 0, 0]);
+        assert_eq!(credit(1), [5, 0, 0, 1]);
+        assert_eq!((MIN_COST, cost(1), cost(MAX_DATA)), (8192, 8192, 32 * 1024));
+    }
+
+    /// A reader returns a small frame's overhead when it reads it, its payload when it hands it
+    /// on; a peer past the window is refused, and credit reopens it.
+    #[test]
+    fn the_window_counts_frames_and_bytes_and_is_enforced() {
+        let one = [1, 0, 0, 1, 7];
+        let mut d = Deframer::new();
+        for i in 1..=WINDOW_FRAMES {
+            assert_eq!(d.decode(&one), Ok((5, Some(Chunk::Data(1)))));
+            // With no payload handed on yet, a quarter window of overhead is owed after 33 frames.
+            let owed = i * (MIN_COST - 1);
+            let due = (owed >= CREDIT_EVERY).then(|| credit(owed));
+            assert_eq!(d.clone().credit_due(), due, "after {i} frames");
+        }
+        assert_eq!(d.clone().decode(&one), Err(FrameError::OverWindow));
+        // Returning the overhead of the frames read leaves only their undelivered payload held.
+        assert_eq!(d.credit_due(), Some(credit(WINDOW_FRAMES * (MIN_COST - 1))));
+        assert_eq!(d.decode(&one), Ok((5, Some(Chunk::Data(1)))));
+        d.delivered(WINDOW_FRAMES + 1);
+        assert_eq!(d.credit_due(), None, "129 bytes are not worth a CREDIT");
+        // The sender's side of the same exchange.
+        let mut w = SendWindow::default();
+        for _ in 0..WINDOW_FRAMES {
+            w.sent(1);
+        }
+        assert_eq!(w.room(), 0);
+        w.credited(WINDOW_FRAMES * (MIN_COST - 1)).unwrap();
+        assert_eq!(w.room(), MAX_DATA);
+
+        // Large frames: bytes are the limit, and a frame is never cut to fit.
+        let mut d = Deframer::new();
+        let full = encode_all(&vec![0u8; MAX_DATA], None);
+        for _ in 0..WINDOW / cost(MAX_DATA) {
+            assert_eq!(d.decode(&full).unwrap().0, full.len());
+        }
+        assert_eq!(d.clone().decode(&full), Err(FrameError::OverWindow));
+        // Handing payload on frees nothing until the CREDIT for it is sent.
+        d.delivered(7 * MAX_DATA);
+        assert_eq!(d.clone().decode(&full), Err(FrameError::OverWindow));
+        assert_eq!(d.credit_due(), None);
+        d.delivered(MAX_DATA);
+        assert!(d.credit_due().is_some());
+        assert_eq!(d.decode(&full).unwrap().0, full.len());
+    }
+
+    #[test]
+    fn a_send_window_fills_exactly_and_refuses_false_credit() {
+        let mut w = SendWindow::default();
+        let mut sent = 0;
+        while w.room() > 0 {
+            let len = w.room().min(1000);
+            w.sent(len);
+            sent += cost(len);
+        }
+        assert!(sent <= WINDOW && WINDOW - sent < MIN_COST, "{sent}");
+        assert_eq!(
+            w.credited(sent + 1),
+            Err(FrameError::CreditBeyondSent {
+                amount: sent + 1,
+                outstanding: sent
+            })
+        );
+        w.credited(sent).unwrap();
+        assert_eq!(w.room(), MAX_DATA);
+    }
+
+    #[test]
+    fn nothing_is_owed_after_the_peer_has_ended() {
+        let bytes = encode_all(&vec![1u8; CREDIT_EVERY], None);
+        let mut d = Deframer::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            at += d.decode(&bytes[at..]).unwrap().0;
+        }
+        d.delivered(CREDIT_EVERY);
+        assert!(d.clone().credit_due().is_some());
+        d.decode(&FIN).unwrap();
+        assert_eq!(d.credit_due(), None);
+    }
+
+    #[test]
+    fn credits_decode_and_may_follow_a_fin_but_not_a_rst() {
+        let mut bytes = encode_all(b"abc", Some(Chunk::Fin));
+        bytes.extend_from_slice(&credit(WINDOW));
+        let mut d = Deframer::new();
+        let mut at = 0;
+        let mut chunks = Vec::new();
+        while at < bytes.len() {
+            let (used, chunk) = d.decode(&bytes[at..]).unwrap();
+            chunks.push(chunk);
+            at += used;
+        }
+        assert_eq!(
+            chunks,
+            [
+                Some(Chunk::Data(3)),
+                Some(Chunk::Fin),
+                Some(Chunk::Credit(WINDOW))
+            ]
+        );
+        let mut bytes = encode_all(b"", Some(Chunk::Rst));
+        bytes.extend_from_slice(&credit(1));
+        assert_eq!(decode_all(&bytes, 4).2, Err(FrameError::AfterEnd));
     }
 
     #[test]
@@ -316,13 +609,15 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_named() {
-        let cases: [(&[u8], FrameError); 6] = [
+        let cases: [(&[u8], FrameError); 8] = [
             (&[9, 0, 0, 0], FrameError::UnknownType(9)),
             (&[4, 1, 0, 1], FrameError::UnknownType(4)),
             (&[1, 0, 0, 0], FrameError::DataLength(0)),
             (&[1, 0, 0x7f, 0xfd], FrameError::DataLength(MAX_DATA + 1)),
             (&[2, 0, 0, 1], FrameError::ControlLength { kind: 2, len: 1 }),
             (&[3, 8, 0, 0], FrameError::Flags { kind: 3, flags: 8 }),
+            (&[5, 0, 0, 0], FrameError::CreditAmount(0)),
+            (&[5, 0x10, 0, 1], FrameError::CreditAmount(WINDOW + 1)),
         ];
         for (bytes, err) in cases {
             assert_eq!(decode_all(bytes, 1).2, Err(err), "{bytes:?}");

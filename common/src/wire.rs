@@ -7,7 +7,8 @@
 //! accepting side answers with a [`Status`] before either side sends payload. After an `ok` status
 //! the stream carries the connection's bytes in both directions as [frames](crate::frame): data,
 //! FIN (end of one direction) and RST (abort), so a reset or a dead daemon is never mistaken for
-//! a clean close. Version 2 introduced the framing; a version-1 peer gets `BadVersion`.
+//! a clean close. Version 2 introduced the framing, version 3 its window (CREDIT frames); a peer
+//! of another version gets `BadVersion`.
 //!
 //! ```text
 //! Header (20 bytes for IPv4/IPv4, 44 for IPv6/IPv6, all integers big-endian):
@@ -41,7 +42,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// The four bytes every header starts with.
 pub const MAGIC: [u8; 4] = *b"ENET";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// The first byte of every status reply.
 pub const STATUS_MARKER: u8 = 0xE5;
 /// Length of the fixed part of a header, which is enough to know its full length.
@@ -329,7 +330,7 @@ mod tests {
         assert_eq!(
             &buf[..len],
             &[
-                b'E', b'N', b'E', b'T', 2, 1, 4, 4, 10, 240, 0, 2, 0x9c, 0x40, 93, 184, 216, 34, 1,
+                b'E', b'N', b'E', b'T', 3, 1, 4, 4, 10, 240, 0, 2, 0x9c, 0x40, 93, 184, 216, 34, 1,
                 0xbb
             ]
         );

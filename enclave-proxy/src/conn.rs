@@ -3,12 +3,15 @@
 //! The stack task owns both and moves bytes between them through one scratch buffer it lends to
 //! every connection in turn (so an idle connection holds no buffer of its own):
 //! - "app->link": the socket's received bytes are copied from its ring into DATA frames of at
-//!   most one capped link write each, and dequeued only once the link took them. The app's FIN
-//!   becomes a FIN frame once everything before it is written.
+//!   most one capped link write each, and dequeued only once the link took them; no more than
+//!   the window allows (see [`common::frame`]): with the window closed they wait in the ring,
+//!   whose TCP window then closes toward the app. The app's FIN becomes a FIN frame once
+//!   everything before it is written. CREDITs for "link->app" go out between frames.
 //! - "link->app": frames read from the link are decoded ([`common::frame::Deframer`]) and their
-//!   payload queued on the socket. The link is read only as far as the socket has send space
-//!   (plus the next frame header), so back-pressure is the TCP window and nothing is buffered
-//!   here. A FIN frame closes the socket's sending half.
+//!   payload queued on the socket. The link is read whenever it has bytes, so CREDITs never
+//!   wait behind data: payload the socket has no room for waits in a backlog, which the window
+//!   bounds (host-proxy's credit is returned only as payload reaches the socket). A FIN frame
+//!   closes the socket's sending half once the backlog before it is queued.
 //!
 //! How a connection ends (see [`common::frame`] for the link side):
 //! - FIN both ways and the socket closed: [`Outcome::Done`].
@@ -26,7 +29,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use common::frame::{self, Chunk, Deframer, End, FRAME_HEADER_LEN, MAX_DATA};
+use common::frame::{self, Backlog, Chunk, Deframer, End, SendWindow, FRAME_HEADER_LEN};
 use common::transport::Stream;
 use common::wire::{Kind, Status, STATUS_LEN};
 use smoltcp::socket::tcp::{self, State};
@@ -93,15 +96,26 @@ struct Outgoing {
     data_left: usize,
     /// The frame is the FIN.
     fin: bool,
+    /// The frame is a CREDIT.
+    credit: bool,
 }
 
 impl Outgoing {
     fn idle() -> Outgoing {
         Outgoing {
-            header: [0; FRAME_HEADER_LEN],
             header_at: FRAME_HEADER_LEN,
-            data_left: 0,
-            fin: false,
+            ..Outgoing::frame([0; FRAME_HEADER_LEN], 0)
+        }
+    }
+
+    /// A frame to write whole: `header`, then `data_left` bytes from the socket's ring.
+    fn frame(header: [u8; FRAME_HEADER_LEN], data_left: usize) -> Outgoing {
+        Outgoing {
+            header,
+            header_at: 0,
+            data_left,
+            fin: header == frame::FIN,
+            credit: false,
         }
     }
 
@@ -134,6 +148,16 @@ pub struct Conn {
     /// wake-up may have come from the socket, not from the link.
     link_full: bool,
     incoming: Deframer,
+    /// What the window toward host-proxy allows.
+    window: SendWindow,
+    /// Payload from the link the socket had no room for.
+    backlog: Backlog,
+    /// The link ended after its FIN: only the backlog is left to queue.
+    link_ended: bool,
+    /// Something from the link opened the window or made a CREDIT due: "app->link" runs again.
+    poke: bool,
+    /// A CREDIT could not be written: host-proxy has closed the link, so none is sent again.
+    credits_off: bool,
     /// The link's FIN has been passed to the socket.
     link_fin: bool,
     /// The app's FIN has been seen, so a later `Closed` is a graceful end, not a reset.
@@ -177,6 +201,11 @@ impl Conn {
             fin_sent: false,
             link_full: false,
             incoming: Deframer::new(),
+            window: SendWindow::default(),
+            backlog: Backlog::default(),
+            link_ended: false,
+            poke: false,
+            credits_off: false,
             link_fin: false,
             app_fin: false,
             to_app: 0,
@@ -242,6 +271,11 @@ impl Conn {
             Ok(None) => {}
             Ok(Some(outcome)) => return outcome,
             Err(e) => return self.fail(socket, "link->app", e),
+        }
+        if std::mem::take(&mut self.poke) {
+            if let Err(e) = self.app_to_link(socket, &mut cx, scratch) {
+                return self.fail(socket, "app->link", e);
+            }
         }
         self.settle(socket, &mut cx, now)
     }
@@ -339,6 +373,14 @@ impl Conn {
                         self.link_full = true;
                         return Ok(());
                     }
+                    // host-proxy closes the link once both FINs have crossed, which may be
+                    // before this side has read its FIN: a CREDIT it no longer needs can fail.
+                    // Whether the stream ended cleanly is for the reading side to see.
+                    Poll::Ready(Err(_)) if self.out.credit => {
+                        self.out = Outgoing::idle();
+                        self.credits_off = true;
+                        return Ok(());
+                    }
                     Poll::Ready(Err(e)) => return Err(e),
                     Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                     Poll::Ready(Ok(n)) => n,
@@ -361,35 +403,69 @@ impl Conn {
                 }
                 continue;
             }
+            if let Some(credit) = self.incoming.credit_due().filter(|_| !self.credits_off) {
+                self.out = Outgoing {
+                    credit: true,
+                    ..Outgoing::frame(credit, 0)
+                };
+                continue;
+            }
             if self.fin_sent {
                 return Ok(());
             }
             let queued = socket.recv_queue();
             if queued > 0 {
-                let len = queued.min(MAX_DATA);
-                self.out = Outgoing {
-                    header: frame::data_header(len),
-                    header_at: 0,
-                    data_left: len,
-                    fin: false,
-                };
+                // A closed window: the bytes wait in the ring; a CREDIT from the link reopens it.
+                let len = queued.min(self.window.room());
+                if len == 0 {
+                    return Ok(());
+                }
+                self.window.sent(len);
+                self.out = Outgoing::frame(frame::data_header(len), len);
                 continue;
             }
             if self.app_fin {
-                self.out = Outgoing {
-                    header: frame::FIN,
-                    header_at: 0,
-                    data_left: 0,
-                    fin: true,
-                };
+                self.out = Outgoing::frame(frame::FIN, 0);
                 continue;
             }
             return Ok(());
         }
     }
 
-    /// Reads frames from the link as far as the socket has room, queueing their payload on the
-    /// socket. Returns an outcome when the link ended the connection.
+    /// Queues what the socket has room for of the backlog; once it is empty after the link's
+    /// FIN, closes the socket's sending half.
+    fn hand_on(&mut self, socket: &mut tcp::Socket) {
+        while !self.backlog.is_empty() {
+            let n = socket.send_slice(self.backlog.front()).unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            self.backlog.consume(n);
+            self.delivered(n);
+        }
+        if self.incoming.end() == End::Fin && !self.link_fin {
+            // Closing may take the socket from CLOSE-WAIT past LAST-ACK to CLOSED before the
+            // next look, so note the app's FIN first.
+            self.note_app_fin(socket);
+            socket.close();
+            self.link_fin = true;
+            debug!(parent: &self.span, bytes = self.to_app, "link->app finished");
+            self.state = match self.state {
+                ConnState::AppClosed => ConnState::Closing,
+                ConnState::Open => ConnState::LinkClosed,
+                other => other,
+            };
+        }
+    }
+
+    fn delivered(&mut self, n: usize) {
+        self.incoming.delivered(n);
+        self.to_app += n as u64;
+        self.poke = true;
+    }
+
+    /// Reads and decodes everything the link has, queueing payload on the socket (or in the
+    /// backlog) and applying CREDITs. Returns an outcome when the link ended the connection.
     fn link_to_app(
         &mut self,
         socket: &mut tcp::Socket,
@@ -397,28 +473,28 @@ impl Conn {
         scratch: &mut [u8],
     ) -> io::Result<Option<Outcome>> {
         loop {
-            let room = if self.link_fin || !socket.may_send() {
-                0
-            } else {
-                socket.send_capacity() - socket.send_queue()
-            };
-            // After the link's FIN this still reads frame headers: only to see a RST, or the
-            // link ending early.
-            let limit = (room + self.incoming.header_left()).min(scratch.len());
-            if limit == 0 {
-                // Mid-frame with a full socket: its send waker brings us back.
+            self.hand_on(socket);
+            if self.link_ended {
                 return Ok(None);
             }
-            let mut rb = ReadBuf::new(&mut scratch[..limit]);
+            let both_fins = self.incoming.end() == End::Fin && self.fin_sent;
+            let mut rb = ReadBuf::new(&mut scratch[..]);
             match Pin::new(&mut self.link).poll_read(cx, &mut rb) {
                 Poll::Pending => return Ok(None),
+                // Once both FINs have crossed, host-proxy may close the link without reading
+                // the last CREDITs, which a Unix socket reports as a reset: the stream is over.
+                Poll::Ready(Err(_)) if both_fins => {
+                    self.link_ended = true;
+                    continue;
+                }
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Ready(Ok(())) => {}
             }
             let n = rb.filled().len();
             if n == 0 {
-                if self.link_fin && self.fin_sent {
-                    return Ok(None);
+                if both_fins {
+                    self.link_ended = true;
+                    continue;
                 }
                 return Err(eof(if self.incoming.mid_frame() {
                     "link ended inside a frame"
@@ -432,39 +508,32 @@ impl Conn {
                     .incoming
                     .decode(&scratch[at..n])
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                at += used;
                 match chunk {
                     Some(Chunk::Data(k)) => {
-                        let payload = &scratch[at + used - k..at + used];
-                        // Never short: the read was limited to the room the socket had.
-                        let queued = socket.send_slice(payload).unwrap_or(0);
-                        if queued < k {
-                            return Err(io::Error::other("socket refused payload it had room for"));
+                        let mut payload = &scratch[at - k..at];
+                        if self.backlog.is_empty() {
+                            let queued = socket.send_slice(payload).unwrap_or(0);
+                            payload = &payload[queued..];
+                            self.delivered(queued);
                         }
-                        self.to_app += k as u64;
+                        self.backlog.push(payload);
                     }
-                    Some(Chunk::Fin) => {
-                        // Closing may take the socket from CLOSE-WAIT past LAST-ACK to CLOSED
-                        // before the next look, so note the app's FIN first.
-                        self.note_app_fin(socket);
-                        socket.close();
-                        self.link_fin = true;
-                        debug!(parent: &self.span, bytes = self.to_app, "link->app finished");
-                        self.state = match self.state {
-                            ConnState::AppClosed => ConnState::Closing,
-                            ConnState::Open => ConnState::LinkClosed,
-                            other => other,
-                        };
+                    Some(Chunk::Credit(amount)) => {
+                        self.window
+                            .credited(amount)
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        self.poke = true;
                     }
                     Some(Chunk::Rst) => {
                         debug!(parent: &self.span, "reset by the host side");
                         socket.abort();
                         return Ok(Some(Outcome::Reset));
                     }
-                    None => {}
+                    // Passed on once the backlog before it is queued.
+                    Some(Chunk::Fin) | None => {}
                 }
-                at += used;
             }
-            debug_assert_eq!(self.incoming.end() == End::Fin, self.link_fin);
         }
     }
 }
@@ -627,7 +696,8 @@ mod tests {
             self.sockets.get_mut::<tcp::Socket>(self.app)
         }
 
-        /// Reads what the host has been sent so far: payload, and how the direction ended.
+        /// Reads what the host has been sent so far: payload, and how the direction ended. The
+        /// host returns credit as it reads, as host-proxy does.
         async fn host_frames(&mut self) -> (Vec<u8>, End) {
             let mut payload = Vec::new();
             let mut buf = vec![0u8; 256 * 1024];
@@ -648,14 +718,33 @@ mod tests {
                     let (used, chunk) = self.from_link.decode(&buf[at..n]).unwrap();
                     if let Some(Chunk::Data(k)) = chunk {
                         payload.extend_from_slice(&buf[at + used - k..at + used]);
+                        self.from_link.delivered(k);
                     }
                     at += used;
+                }
+                if let Some(credit) = self.from_link.credit_due() {
+                    self.host.write_all(&credit).await.unwrap();
                 }
                 if self.from_link.end() != End::Open {
                     break;
                 }
             }
             (payload, self.from_link.end())
+        }
+
+        /// Writes `bytes` as the host, turning the stack whenever the link is full, until all
+        /// are written or the connection has ended.
+        async fn host_push(&mut self, bytes: &[u8]) {
+            let mut at = 0;
+            while at < bytes.len() && self.ended.is_none() {
+                match self.host.try_write(&bytes[at..]) {
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.turn().await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
         }
 
         async fn host_send(&mut self, payload: &[u8], end: Option<Chunk>) {
@@ -712,7 +801,7 @@ mod tests {
         // The host does not read, so the link fills and the app's bytes wait in our socket.
         let chunk = vec![0x42u8; 16 * 1024];
         let mut sent = 0;
-        // The link is a Unix socket with a 4 MiB send buffer, so this takes a few hundred turns.
+        // The window closes after 1 MiB, so this takes a few dozen turns.
         for _ in 0..4000 {
             if rig.app().send_queue() == 0 {
                 sent += rig.app().send_slice(&chunk).unwrap();
@@ -755,6 +844,105 @@ mod tests {
         }
         assert_eq!(received, sent);
         assert_eq!(rig.end().await, Outcome::Done);
+    }
+
+    /// An app that trickles single bytes toward a host that has stopped reading puts at most
+    /// `WINDOW_FRAMES` frames on the link; the rest waits in the socket and leaves as one frame
+    /// once credit returns.
+    #[tokio::test]
+    async fn a_trickle_under_back_pressure_stops_at_the_window_then_coalesces() {
+        let mut rig = Rig::open().await;
+        let total = 3 * frame::WINDOW_FRAMES;
+        for _ in 0..total {
+            rig.app().send_slice(b"x").unwrap();
+            rig.turn().await;
+        }
+        // Read the link without returning credit, as a host whose client stopped reading.
+        let mut sizes = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut deframer = Deframer::new();
+        let quiet = std::time::Duration::from_millis(100);
+        while let Ok(n) = tokio::time::timeout(quiet, rig.host.read(&mut buf)).await {
+            let n = n.unwrap();
+            let mut at = 0;
+            while at < n {
+                let (used, chunk) = deframer.decode(&buf[at..n]).unwrap();
+                if let Some(Chunk::Data(k)) = chunk {
+                    sizes.push(k);
+                }
+                at += used;
+            }
+        }
+        assert_eq!(sizes.len(), frame::WINDOW_FRAMES, "{sizes:?}");
+        let crossed: usize = sizes.iter().sum();
+        assert_eq!(crossed, frame::WINDOW_FRAMES, "one byte per turn");
+        let ours = rig.sockets.get::<tcp::Socket>(rig.ours);
+        assert_eq!(
+            ours.recv_queue(),
+            total - crossed,
+            "the rest waits in the socket"
+        );
+        // Credit returns: everything that waited leaves as one frame.
+        rig.host
+            .write_all(&frame::credit(frame::WINDOW))
+            .await
+            .unwrap();
+        rig.turn().await;
+        let n = rig.host.read(&mut buf).await.unwrap();
+        assert_eq!(n, FRAME_HEADER_LEN + total - crossed);
+        assert_eq!(buf[..FRAME_HEADER_LEN], frame::data_header(total - crossed));
+    }
+
+    /// What the app does not read waits in a backlog while the link is read on: the host's
+    /// CREDITs never wait behind its data. Credit for payload follows the app's reading, and a
+    /// host past the window is reset.
+    #[tokio::test]
+    async fn the_link_is_read_while_the_app_is_not_and_credit_follows_delivery() {
+        let mut rig = Rig::open().await;
+        let payload: Vec<u8> = (0..frame::WINDOW - 32 * 4).map(|i| i as u8).collect();
+        let frames = encode_all(&payload, None);
+        assert_eq!(frames.len(), frame::WINDOW, "exactly a full window");
+        rig.host_push(&frames).await;
+        rig.turn().await;
+        // The socket (64 KiB) is full; the rest of the window waits here, and only the frames'
+        // overhead is owed: no CREDIT yet.
+        assert!(rig.conn.backlog.len() >= payload.len() - 2 * 64 * 1024);
+        let (got, end) = rig.host_frames().await;
+        assert_eq!((got.len(), end), (0, End::Open));
+        let mut read = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut credits = Vec::new();
+        let mut deframer = Deframer::new();
+        while read.len() < payload.len() {
+            let n = rig.app().recv_slice(&mut buf).unwrap();
+            read.extend_from_slice(&buf[..n]);
+            rig.turn().await;
+            let mut link = vec![0u8; 64];
+            while let Ok(Ok(n)) = tokio::time::timeout(
+                std::time::Duration::from_millis(5),
+                rig.host.read(&mut link),
+            )
+            .await
+            {
+                let (used, chunk) = deframer.decode(&link[..n]).unwrap();
+                assert_eq!(used, n);
+                let Some(Chunk::Credit(c)) = chunk else {
+                    panic!("{chunk:?}");
+                };
+                credits.push(c);
+            }
+        }
+        assert!(read == payload);
+        let returned: usize = credits.iter().sum();
+        assert!(
+            returned > frame::WINDOW - frame::CREDIT_EVERY
+                && credits.iter().all(|&c| c >= frame::CREDIT_EVERY),
+            "{credits:?}"
+        );
+        // Two more windows, with the app no longer reading and the CREDITs ignored, is too much.
+        rig.host_push(&[&frames[..], &frames[..]].concat()).await;
+        assert_eq!(rig.end().await, Outcome::Reset);
+        assert!(rig.app_was_reset());
     }
 
     // Every close order ends the connection (the stack then drops it), and a reset on one side

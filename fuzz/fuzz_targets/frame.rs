@@ -5,7 +5,10 @@
 //! The body as link bytes, fed to a `Deframer` in those pieces:
 //! - it never panics, always makes progress, and never reports more payload than it consumed;
 //! - once it has reported an end, nothing more is accepted: after a RST no byte at all, after a
-//!   FIN nothing but a RST (TCP may reset a half-closed connection);
+//!   FIN nothing but a RST (TCP may reset a half-closed connection) or a CREDIT (for the other
+//!   direction); every CREDIT returns 1 to `WINDOW`;
+//! - the reader hands payload on at once and returns credit as it goes, so the window never
+//!   trips, however the bytes are cut;
 //! - nothing is accepted after an error either;
 //! - the outcome (payload, end, error) does not depend on how the bytes were cut: `decode_all`
 //!   over the whole body in one piece agrees with the pieces;
@@ -18,13 +21,12 @@
 //! pieces of the first size (and, given several sizes, with the `Deframer` in all of them) gives
 //! back exactly that payload and end, with no frame left open.
 //!
-//! Errors and the latch: after an error the `Deframer` today resets to a frame boundary and
-//! decodes what follows as if nothing had happened. Its callers stop at the first error (the
-//! splice resets the connection), so by default this target checks the callers' contract; the
-//! stricter check waits for `common::frame` to remember errors as it remembers ends.
+//! Errors latch: after an error every later byte is refused with it.
 #![no_main]
 
-use common::frame::{decode_all, encode_all, Chunk, Deframer, End, FrameError, FIN, MAX_DATA, RST};
+use common::frame::{
+    credit, decode_all, encode_all, Chunk, Deframer, End, FrameError, FIN, MAX_DATA, RST, WINDOW,
+};
 use fuzz_corpus::FrameInput;
 use libfuzzer_sys::fuzz_target;
 
@@ -60,8 +62,9 @@ fn pieces(splits: &[usize], len: usize) -> Vec<usize> {
 /// deframer's contract on every call. Stops at the first error, as the splice does.
 ///
 /// The ends: after a RST nothing is accepted; after a FIN only a RST (TCP may reset a
-/// half-closed connection), so a frame that starts with the RST type may still be decoded, and
-/// may be malformed.
+/// half-closed connection) or a CREDIT, so a frame that starts with either type may still be
+/// decoded, and may be malformed. Payload is handed on at once and credit returned as it goes,
+/// as `decode_all` does.
 fn drive(input: &[u8], splits: &[usize]) -> Outcome {
     let splits = pieces(splits, input.len());
     let mut d = Deframer::new();
@@ -93,6 +96,12 @@ fn drive(input: &[u8], splits: &[usize]) -> Outcome {
                             assert!(n > 0 && n <= used, "data {n} of {used} used");
                             payload.extend_from_slice(&piece[used - n..used]);
                             assert_eq!(d.end(), End::Open);
+                            d.delivered(n);
+                        }
+                        Some(Chunk::Credit(amount)) => {
+                            assert_ne!(before, End::Rst);
+                            assert!((1..=WINDOW).contains(&amount), "CREDIT of {amount}");
+                            assert!(used <= 4 && !d.mid_frame());
                         }
                         Some(Chunk::Fin) => {
                             assert_eq!(before, End::Open, "a second FIN was accepted");
@@ -109,19 +118,24 @@ fn drive(input: &[u8], splits: &[usize]) -> Outcome {
                             assert!(d.mid_frame());
                         }
                     }
+                    let _ = d.credit_due();
                     piece = &piece[used..];
                 }
                 Err(e) => {
                     match before {
-                        End::Open => assert_ne!(e, FrameError::AfterEnd),
+                        End::Open => assert!(
+                            !matches!(e, FrameError::AfterEnd | FrameError::OverWindow),
+                            "{e:?}"
+                        ),
                         End::Rst => assert_eq!(e, FrameError::AfterEnd),
-                        // A malformed RST after the FIN is named as what it is.
+                        // A malformed RST or CREDIT after the FIN is named as what it is.
                         End::Fin => assert!(
                             matches!(
                                 e,
                                 FrameError::AfterEnd
                                     | FrameError::Flags { kind: 3, .. }
                                     | FrameError::ControlLength { kind: 3, .. }
+                                    | FrameError::CreditAmount(_)
                             ),
                             "after a FIN: {e:?}"
                         ),
@@ -156,7 +170,8 @@ fn drive(input: &[u8], splits: &[usize]) -> Outcome {
 }
 
 /// Once a direction has ended, nothing more is accepted (at a frame boundary): no data and no
-/// second FIN after a FIN, nothing at all after a RST. A RST after a FIN may be accepted.
+/// second FIN after a FIN, nothing at all after a RST. A RST or a CREDIT after a FIN may be
+/// accepted.
 fn probe_end(d: &Deframer) {
     let data: &[u8] = &[1, 0, 0, 1, 0];
     match d.end() {
@@ -170,9 +185,10 @@ fn probe_end(d: &Deframer) {
                 matches!(r, Ok((4, Some(Chunk::Rst))) | Err(FrameError::AfterEnd)),
                 "RST after FIN: {r:?}"
             );
+            assert_eq!(d.clone().decode(&credit(1)), Ok((4, Some(Chunk::Credit(1)))));
         }
         End::Rst => {
-            for more in [&FIN[..], &RST[..], data, &[0][..], &[3][..]] {
+            for more in [&FIN[..], &RST[..], data, &[0][..], &[3][..], &credit(1)[..]] {
                 assert_eq!(d.clone().decode(more), Err(FrameError::AfterEnd));
             }
         }

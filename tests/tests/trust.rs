@@ -813,7 +813,8 @@ fn ingress_by_hand(link: &Path, src: SocketAddr, port: u16) -> Result<HandMade, 
                 Some(Chunk::Data(k)) => reply.extend_from_slice(&buf[at + used - k..at + used]),
                 Some(Chunk::Fin) => made.end = End::Fin,
                 Some(Chunk::Rst) => made.end = End::Rst,
-                None => {}
+                // The stream sends nothing, so there is no window to reopen.
+                Some(Chunk::Credit(_)) | None => {}
             }
             at += used;
         }

@@ -265,6 +265,21 @@ pub fn seeds() -> Vec<Seed> {
         frames(&[2, 5], fin, &small_fin),
     );
     add("frame", "open-no-end", frames(&[4], None, &small));
+    // CREDITs for the other direction, between DATA frames and after the FIN.
+    let mut credited = frame::credit(frame::CREDIT_EVERY).to_vec();
+    credited.extend_from_slice(&small);
+    credited.extend_from_slice(&frame::credit(1));
+    credited.extend_from_slice(&FIN);
+    credited.extend_from_slice(&frame::credit(frame::WINDOW));
+    add("frame", "credits-around-fin", frames(&[3], fin, &credited));
+    // More small frames than the window holds: fine for a reader that returns credit.
+    let mut many = Vec::new();
+    for i in 0..=frame::WINDOW_FRAMES {
+        many.extend_from_slice(&frame::encode_all(&[i as u8], None));
+    }
+    add("frame", "past-the-window-frames", frames(&[7], None, &many));
+    add("frame", "credit-of-none", frames(&[], None, &[5, 0, 0, 0]));
+    add("frame", "credit-too-large", frames(&[], None, &[5, 0x10, 0, 1]));
     let mut cut_header = small.clone();
     cut_header.extend_from_slice(&frame::data_header(9)[..2]);
     add("frame", "cut-in-header", frames(&[3], None, &cut_header));
