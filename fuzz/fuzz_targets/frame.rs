@@ -185,7 +185,10 @@ fn probe_end(d: &Deframer) {
                 matches!(r, Ok((4, Some(Chunk::Rst))) | Err(FrameError::AfterEnd)),
                 "RST after FIN: {r:?}"
             );
-            assert_eq!(d.clone().decode(&credit(1)), Ok((4, Some(Chunk::Credit(1)))));
+            assert_eq!(
+                d.clone().decode(&credit(1)),
+                Ok((4, Some(Chunk::Credit(1))))
+            );
         }
         End::Rst => {
             for more in [&FIN[..], &RST[..], data, &[0][..], &[3][..], &credit(1)[..]] {

@@ -279,7 +279,11 @@ pub fn seeds() -> Vec<Seed> {
     }
     add("frame", "past-the-window-frames", frames(&[7], None, &many));
     add("frame", "credit-of-none", frames(&[], None, &[5, 0, 0, 0]));
-    add("frame", "credit-too-large", frames(&[], None, &[5, 0x10, 0, 1]));
+    add(
+        "frame",
+        "credit-too-large",
+        frames(&[], None, &[5, 0x10, 0, 1]),
+    );
     let mut cut_header = small.clone();
     cut_header.extend_from_slice(&frame::data_header(9)[..2]);
     add("frame", "cut-in-header", frames(&[3], None, &cut_header));
