@@ -51,4 +51,5 @@ require_root() {
 }
 
 PACKAGES=(ca-certificates build-essential pkg-config iproute2 iptables nftables docker.io
-          memcached libmemcached-tools iperf3 socat busybox-static slirp4netns passt procps)
+          memcached libmemcached-tools iperf3 socat busybox-static slirp4netns passt procps
+          dnsmasq-base)

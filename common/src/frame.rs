@@ -15,10 +15,16 @@
 //!  type 1 DATA  length 1..=32764, payload: the connection's bytes
 //!  type 2 FIN   length 0: this direction is finished (TCP FIN, half-close)
 //!  type 3 RST   length 0: the connection was aborted (TCP RST); nothing more follows
-//!  type 4       reserved for datagrams (UDP), with flags bit 0 "more of this datagram follows"
+//!  type 4 DATAGRAM  length 0..=32764, flags bit 0 "more of this datagram follows": a piece of a
+//!                  datagram (DNS, UDP) on a datagram stream; a datagram of up to 65,535 bytes
+//!                  is its pieces in order, the last without the bit (an empty datagram is one
+//!                  empty piece)
 //!  type 5 CREDIT  flags and length together: a 24-bit amount of window given back (1..=WINDOW)
 //!  flags        0 for types 1-3
 //! ```
+//!
+//! A stream carries either DATA frames (TCP) or DATAGRAM frames (its header's kind says which,
+//! [`crate::wire::Kind::datagrams`]), never both.
 //!
 //! A DATA frame with its header is at most [`MAX_WRITE`] bytes, so every frame fits one capped
 //! vsock write (DESIGN.md: 32 KiB). The header costs 4 bytes per frame: 0.012% on bulk transfers
@@ -77,7 +83,12 @@ pub const MAX_DATA: usize = MAX_WRITE - FRAME_HEADER_LEN;
 const TYPE_DATA: u8 = 1;
 const TYPE_FIN: u8 = 2;
 const TYPE_RST: u8 = 3;
+const TYPE_DATAGRAM: u8 = 4;
 const TYPE_CREDIT: u8 = 5;
+/// DATAGRAM flag: more pieces of this datagram follow.
+const MORE: u8 = 1;
+/// The largest datagram a stream carries (the largest UDP payload over IPv6 jumbograms aside).
+pub const MAX_DATAGRAM: usize = 65_535;
 
 /// The most cost a side may have sent and not had returned: 1 MiB covers a Nitro vsock stream's
 /// bandwidth-delay product (about 10 Gbit/s × 124 µs = 155 KB) several times over, and is what a
@@ -157,6 +168,12 @@ pub enum FrameError {
     /// The peer sent more than the window before it was returned.
     #[error("DATA beyond the window of {WINDOW}")]
     OverWindow,
+    /// A DATAGRAM piece was longer than [`MAX_DATA`], or empty without ending a datagram.
+    #[error("DATAGRAM piece of {0} bytes")]
+    DatagramPiece(usize),
+    /// A datagram's pieces added up to more than [`MAX_DATAGRAM`].
+    #[error("datagram longer than {MAX_DATAGRAM} bytes")]
+    DatagramLength,
 }
 
 /// What a run of decoded bytes was.
@@ -170,6 +187,13 @@ pub enum Chunk {
     Rst,
     /// The peer returned this much of our window.
     Credit(usize),
+    /// The last `n` bytes consumed are part of a datagram; `end` says the datagram is complete.
+    Datagram {
+        /// Payload bytes.
+        n: usize,
+        /// The datagram ends here.
+        end: bool,
+    },
 }
 
 /// How a direction of a stream has ended, if it has.
@@ -193,6 +217,12 @@ pub struct Deframer {
     end: End,
     /// The first error: once the stream is known bad, every later byte is refused with it.
     error: Option<FrameError>,
+    /// The stream carries DATAGRAM frames instead of DATA frames.
+    datagrams: bool,
+    /// The DATAGRAM piece being decoded is not the datagram's last.
+    more: bool,
+    /// Bytes of the datagram being decoded so far.
+    datagram_len: usize,
     /// Cost of the DATA frames read and not yet returned: at most [`WINDOW`].
     held: usize,
     /// The part of `held` that is free again and owed to the peer.
@@ -200,9 +230,17 @@ pub struct Deframer {
 }
 
 impl Deframer {
-    /// A decoder at the start of the payload.
+    /// A decoder at the start of the payload of a byte stream (DATA frames).
     pub fn new() -> Deframer {
         Deframer::default()
+    }
+
+    /// A decoder at the start of the payload of a datagram stream (DATAGRAM frames).
+    pub fn datagrams() -> Deframer {
+        Deframer {
+            datagrams: true,
+            ..Deframer::default()
+        }
     }
 
     /// How the direction has ended, if it has.
@@ -266,6 +304,19 @@ impl Deframer {
         r
     }
 
+    /// What `n` payload bytes just decoded are: stream data, or a piece of a datagram, which
+    /// ends with the last byte of a piece without the "more" flag.
+    fn payload(&mut self, n: usize) -> Chunk {
+        if !self.datagrams {
+            return Chunk::Data(n);
+        }
+        let end = self.data_left == 0 && !self.more;
+        if end {
+            self.datagram_len = 0;
+        }
+        Chunk::Datagram { n, end }
+    }
+
     fn decode_inner(&mut self, input: &[u8]) -> Result<(usize, Option<Chunk>), FrameError> {
         // After a FIN only a RST (TCP allows a reset after a half-close) or a CREDIT (for the
         // other direction) may follow.
@@ -281,7 +332,7 @@ impl Deframer {
         if self.data_left > 0 {
             let n = self.data_left.min(input.len());
             self.data_left -= n;
-            return Ok((n, Some(Chunk::Data(n))));
+            return Ok((n, Some(self.payload(n))));
         }
         let take = (FRAME_HEADER_LEN - self.have).min(input.len());
         self.header[self.have..self.have + take].copy_from_slice(&input[..take]);
@@ -299,16 +350,32 @@ impl Deframer {
             }
             return Ok((take, Some(Chunk::Credit(amount))));
         }
-        if !matches!(kind, TYPE_DATA | TYPE_FIN | TYPE_RST) {
+        let payload_type = if self.datagrams {
+            TYPE_DATAGRAM
+        } else {
+            TYPE_DATA
+        };
+        if kind != payload_type && !matches!(kind, TYPE_FIN | TYPE_RST) {
             return Err(FrameError::UnknownType(kind));
         }
-        if flags != 0 {
+        let allowed = if kind == TYPE_DATAGRAM { MORE } else { 0 };
+        if flags & !allowed != 0 {
             return Err(FrameError::Flags { kind, flags });
         }
         match kind {
-            TYPE_DATA => {
-                if len == 0 || len > MAX_DATA {
+            TYPE_DATA | TYPE_DATAGRAM => {
+                if kind == TYPE_DATA && (len == 0 || len > MAX_DATA) {
                     return Err(FrameError::DataLength(len));
+                }
+                if kind == TYPE_DATAGRAM {
+                    self.more = flags & MORE != 0;
+                    if len > MAX_DATA || (len == 0 && self.more) {
+                        return Err(FrameError::DatagramPiece(len));
+                    }
+                    self.datagram_len += len;
+                    if self.datagram_len > MAX_DATAGRAM {
+                        return Err(FrameError::DatagramLength);
+                    }
                 }
                 let cost = cost(len);
                 if self.held + cost > WINDOW {
@@ -319,10 +386,10 @@ impl Deframer {
                 self.owed += cost - len;
                 let n = len.min(input.len() - take);
                 self.data_left = len - n;
-                if n == 0 {
+                if n == 0 && self.data_left > 0 {
                     return Ok((take, None));
                 }
-                Ok((take + n, Some(Chunk::Data(n))))
+                Ok((take + n, Some(self.payload(n))))
             }
             _ if len != 0 => Err(FrameError::ControlLength { kind, len }),
             TYPE_FIN => {
@@ -359,6 +426,16 @@ impl SendWindow {
     pub fn sent(&mut self, len: usize) {
         debug_assert!(len <= self.room(), "DATA frame of {len} beyond the window");
         self.outstanding += cost(len);
+    }
+
+    /// Counts frames costing `cost` sent if the window has room for them all; a datagram that
+    /// does not fit is dropped rather than waited for.
+    pub fn try_send(&mut self, cost: usize) -> bool {
+        if self.outstanding + cost > WINDOW {
+            return false;
+        }
+        self.outstanding += cost;
+        true
     }
 
     /// Applies the peer's CREDIT of `amount`.
@@ -409,6 +486,26 @@ impl Backlog {
             self.bytes = std::collections::VecDeque::new();
         }
     }
+}
+
+/// Appends `datagram` (at most [`MAX_DATAGRAM`] bytes) to `out` as DATAGRAM frames; returns
+/// what they cost against the window.
+pub fn encode_datagram(out: &mut Vec<u8>, datagram: &[u8]) -> usize {
+    debug_assert!(datagram.len() <= MAX_DATAGRAM);
+    let mut pieces = datagram.chunks(MAX_DATA).peekable();
+    if pieces.peek().is_none() {
+        out.extend_from_slice(&[TYPE_DATAGRAM, 0, 0, 0]);
+        return cost(0);
+    }
+    let mut total = 0;
+    while let Some(piece) = pieces.next() {
+        let flags = if pieces.peek().is_some() { MORE } else { 0 };
+        let [hi, lo] = (piece.len() as u16).to_be_bytes();
+        out.extend_from_slice(&[TYPE_DATAGRAM, flags, hi, lo]);
+        out.extend_from_slice(piece);
+        total += cost(piece.len());
+    }
+    total
 }
 
 /// Encodes `payload` as DATA frames followed by `end` (FIN or RST), for tests and tools.
@@ -609,9 +706,10 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_named() {
-        let cases: [(&[u8], FrameError); 8] = [
+        let cases: [(&[u8], FrameError); 9] = [
             (&[9, 0, 0, 0], FrameError::UnknownType(9)),
             (&[4, 1, 0, 1], FrameError::UnknownType(4)),
+            (&[4, 0, 0, 0], FrameError::UnknownType(4)),
             (&[1, 0, 0, 0], FrameError::DataLength(0)),
             (&[1, 0, 0x7f, 0xfd], FrameError::DataLength(MAX_DATA + 1)),
             (&[2, 0, 0, 1], FrameError::ControlLength { kind: 2, len: 1 }),
@@ -644,6 +742,92 @@ mod tests {
         assert_eq!(d.decode(&bytes[7..]), Ok((3, Some(Chunk::Data(3)))));
         assert!(!d.mid_frame());
         assert_eq!(d.end(), End::Open);
+    }
+
+    /// Decodes a datagram stream cut into pieces of `split` bytes, as a reader that hands each
+    /// datagram on at once.
+    fn decode_datagrams(input: &[u8], split: usize) -> Result<(Vec<Vec<u8>>, End), FrameError> {
+        let mut d = Deframer::datagrams();
+        let (mut done, mut current) = (Vec::new(), Vec::new());
+        for piece in input.chunks(split.max(1)) {
+            let mut at = 0;
+            while at < piece.len() {
+                let (used, chunk) = d.decode(&piece[at..])?;
+                if let Some(Chunk::Datagram { n, end }) = chunk {
+                    current.extend_from_slice(&piece[at + used - n..at + used]);
+                    d.delivered(n);
+                    if end {
+                        done.push(std::mem::take(&mut current));
+                    }
+                }
+                let _ = d.credit_due();
+                at += used;
+            }
+        }
+        assert!(current.is_empty() || d.mid_frame() || d.more);
+        Ok((done, d.end()))
+    }
+
+    #[test]
+    fn datagrams_keep_their_boundaries_whatever_their_size() {
+        let sizes = [
+            0,
+            1,
+            512,
+            MAX_DATA,
+            MAX_DATA + 1,
+            2 * MAX_DATA,
+            MAX_DATAGRAM,
+            3,
+        ];
+        let datagrams: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
+            .collect();
+        let mut bytes = Vec::new();
+        let mut costs = 0;
+        for d in &datagrams {
+            costs += encode_datagram(&mut bytes, d);
+        }
+        // Six pieces below the minimum cost (0, 1, 512, the tails of MAX_DATA + 1 and 65,535, 3),
+        // six full ones.
+        assert_eq!(costs, 6 * MIN_COST + 6 * MAX_WRITE);
+        bytes.extend_from_slice(&FIN);
+        for split in [1, 3, 4, 5, 1000, 70_000] {
+            assert_eq!(
+                decode_datagrams(&bytes, split),
+                Ok((datagrams.clone(), End::Fin)),
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_datagram_frames_are_named() {
+        let too_long = {
+            let mut b = Vec::new();
+            encode_datagram(&mut b, &vec![0; MAX_DATAGRAM]);
+            // One more byte in the last piece's length, and the byte itself.
+            let last = b.len() - (MAX_DATAGRAM - 2 * MAX_DATA) - FRAME_HEADER_LEN;
+            b[last + 3] += 1;
+            b.push(0);
+            b
+        };
+        let cases: [(&[u8], FrameError); 5] = [
+            (&[1, 0, 0, 1, 0], FrameError::UnknownType(1)),
+            (&[4, 1, 0, 0], FrameError::DatagramPiece(0)),
+            (&[4, 0, 0x7f, 0xfd], FrameError::DatagramPiece(MAX_DATA + 1)),
+            (&[4, 2, 0, 0], FrameError::Flags { kind: 4, flags: 2 }),
+            (&too_long, FrameError::DatagramLength),
+        ];
+        for (bytes, err) in cases {
+            assert_eq!(decode_datagrams(bytes, 7), Err(err), "{:?}", &bytes[..4]);
+        }
+        // A byte stream takes no DATAGRAM frames.
+        assert_eq!(
+            decode_all(&[4, 0, 0, 0], 1).2,
+            Err(FrameError::UnknownType(4))
+        );
     }
 
     proptest! {

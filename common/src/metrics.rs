@@ -30,6 +30,12 @@ pub struct Counters {
     pub live_ingress: AtomicU64,
     /// Egress connections alive now (gauge), from set-up to the end.
     pub live_egress: AtomicU64,
+    /// DNS queries from the enclave forwarded to a resolver.
+    pub dns_queries: AtomicU64,
+    /// DNS queries answered SERVFAIL because no resolver answered.
+    pub dns_servfail: AtomicU64,
+    /// DNS datagrams dropped: not a query, a flow cap or a full window.
+    pub dns_dropped: AtomicU64,
 }
 
 impl Counters {
@@ -68,6 +74,9 @@ impl Counters {
             bytes.from_enclave = self.bytes_from_enclave.load(Relaxed),
             live.ingress = self.live_ingress.load(Relaxed),
             live.egress = self.live_egress.load(Relaxed),
+            dns.queries = self.dns_queries.load(Relaxed),
+            dns.servfail = self.dns_servfail.load(Relaxed),
+            dns.dropped = self.dns_dropped.load(Relaxed),
             "{who} counters"
         );
     }

@@ -19,7 +19,9 @@
 //!  +-------+---+----+--------+--------+----------+--------+----------+---------+
 //!    magic   1  1=TCP egress  4 or 6    A = 4 or 16 bytes   B = 4 or 16 bytes
 //!               2=TCP ingress
-//!               (3=UDP, 4=DNS reserved)
+//!               4=DNS over UDP (datagram frames)
+//!               5=DNS over TCP (data frames)
+//!               (3=UDP reserved)
 //!
 //! Status (4 bytes):
 //!
@@ -59,6 +61,12 @@ pub enum Kind {
     TcpEgress,
     /// A TCP connection from an outside client to a port inside the enclave.
     TcpIngress,
+    /// DNS queries over UDP to the enclave's resolver, as datagram frames: host-proxy answers
+    /// them from the parent's resolvers.
+    DnsUdp,
+    /// One DNS-over-TCP connection to the enclave's resolver, as DATA frames: host-proxy carries
+    /// it to one of the parent's resolvers.
+    DnsTcp,
 }
 
 impl Kind {
@@ -66,7 +74,24 @@ impl Kind {
         match self {
             Kind::TcpEgress => 1,
             Kind::TcpIngress => 2,
+            Kind::DnsUdp => 4,
+            Kind::DnsTcp => 5,
         }
+    }
+
+    fn from_byte(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::TcpEgress,
+            2 => Kind::TcpIngress,
+            4 => Kind::DnsUdp,
+            5 => Kind::DnsTcp,
+            _ => return None,
+        })
+    }
+
+    /// Whether the stream carries datagrams (DATAGRAM frames) rather than a byte stream.
+    pub fn datagrams(self) -> bool {
+        self == Kind::DnsUdp
     }
 }
 
@@ -196,7 +221,7 @@ impl Header {
         if fixed[4] != VERSION {
             return Err(DecodeError::BadVersion(fixed[4]));
         }
-        if !matches!(fixed[5], 1 | 2) {
+        if Kind::from_byte(fixed[5]).is_none() {
             return Err(DecodeError::BadKind(fixed[5]));
         }
         Ok(FIXED_LEN + family_len(fixed[6])? + 2 + family_len(fixed[7])? + 2)
@@ -208,10 +233,7 @@ impl Header {
         if buf.len() < total {
             return Err(DecodeError::Incomplete(total));
         }
-        let kind = match buf[5] {
-            1 => Kind::TcpEgress,
-            _ => Kind::TcpIngress,
-        };
+        let kind = Kind::from_byte(buf[5]).ok_or(DecodeError::BadKind(buf[5]))?;
         let src_at = FIXED_LEN;
         let dst_at = src_at + family_len(buf[6])? + 2;
         let src = get_endpoint(&buf[src_at..], buf[6], "source")?;
@@ -428,7 +450,7 @@ mod tests {
         #[test]
         fn headers_with_valid_prefix_never_panic(
             fams in (prop_oneof![Just(4u8), Just(6u8), any::<u8>()], prop_oneof![Just(4u8), Just(6u8), any::<u8>()]),
-            kind in 0u8..4,
+            kind in 0u8..7,
             rest in proptest::collection::vec(any::<u8>(), 0..48),
         ) {
             let mut bytes = vec![b'E', b'N', b'E', b'T', VERSION, kind, fams.0, fams.1];
@@ -439,8 +461,8 @@ mod tests {
         }
 
         #[test]
-        fn encode_then_decode_round_trips(src in arb_addr(), dst in arb_addr(), ingress in any::<bool>()) {
-            let kind = if ingress { Kind::TcpIngress } else { Kind::TcpEgress };
+        fn encode_then_decode_round_trips(src in arb_addr(), dst in arb_addr(), kind in 0usize..4) {
+            let kind = [Kind::TcpEgress, Kind::TcpIngress, Kind::DnsUdp, Kind::DnsTcp][kind];
             let h = Header { kind, src, dst };
             let (buf, len) = h.encode();
             prop_assert_eq!(len, h.encoded_len());

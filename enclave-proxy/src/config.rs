@@ -90,6 +90,17 @@ pub struct Config {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Do not answer DNS at the gateway. By default enclave-proxy answers DNS on UDP and TCP
+    /// port 53 at the gateway address (not on loopback: Docker replaces a loopback resolver in
+    /// containers) and forwards every query to host-proxy, which asks the parent's resolvers.
+    #[arg(long)]
+    pub no_dns: bool,
+
+    /// Write a resolv.conf here naming the gateway as nameserver, once the TAP is up (for
+    /// example /etc/resolv.conf: containers on Docker's default bridge then inherit it).
+    #[arg(long, value_name = "PATH")]
+    pub resolv_conf: Option<std::path::PathBuf>,
 }
 
 /// Whether the TAP does TCP segmentation offload (see [`Config::offload`]).

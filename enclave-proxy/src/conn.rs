@@ -239,8 +239,9 @@ impl Conn {
                 State::Closed => {
                     return match self.kind {
                         Kind::TcpIngress => Outcome::Refuse(Status::Refused),
-                        Kind::TcpEgress => Outcome::Reset,
-                    }
+                        // Egress (and DNS over TCP), which the app opened.
+                        _ => Outcome::Reset,
+                    };
                 }
                 // An egress socket reset in SYN-RECEIVED falls back to LISTEN on its
                 // destination, where it could catch another flow's replayed SYN: abort it.
@@ -253,7 +254,7 @@ impl Conn {
                     socket.abort();
                     return match self.kind {
                         Kind::TcpIngress => Outcome::Refuse(Status::TimedOut),
-                        Kind::TcpEgress => Outcome::Reset,
+                        _ => Outcome::Reset,
                     };
                 }
                 _ => return Outcome::Keep,
@@ -531,7 +532,8 @@ impl Conn {
                         return Ok(Some(Outcome::Reset));
                     }
                     // Passed on once the backlog before it is queued.
-                    Some(Chunk::Fin) | None => {}
+                    // (A byte stream's decoder yields no datagrams.)
+                    Some(Chunk::Fin | Chunk::Datagram { .. }) | None => {}
                 }
             }
         }

@@ -25,6 +25,7 @@ pub mod shard;
 pub mod stack;
 pub mod sys;
 pub mod tap;
+pub mod udp;
 
 use std::sync::Arc;
 
@@ -60,6 +61,32 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// `--resolv-conf` could not be written.
+    #[error("cannot write {path}: {source}")]
+    ResolvConf {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes a resolv.conf naming the gateway as the only nameserver: atomically where it can (a
+/// reader never sees half a file), in place where the file is a mount point (`EBUSY`, as in a
+/// container).
+fn write_resolv_conf(path: &std::path::Path, gateway: std::net::Ipv4Addr) -> std::io::Result<()> {
+    let text =
+        format!("# Written by enclave-proxy: its resolver at the gateway.\nnameserver {gateway}\n");
+    let tmp = path.with_extension("enclave-proxy.tmp");
+    std::fs::write(&tmp, &text)?;
+    match std::fs::rename(&tmp, path) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::write(path, text)
+        }
+        r => r,
+    }
 }
 
 /// Runs enclave-proxy until SIGTERM or SIGINT. Must run on a current-thread runtime: the stack
@@ -105,6 +132,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_ingress: config.max_ingress,
         max_egress: config.max_egress,
         max_pending_per_destination: config.max_pending_per_destination,
+        dns: !config.no_dns,
+        mtu: config.mtu as usize,
     };
     let (stack, events) = stack::Stack::new(tap, settings, counters.clone());
     let accept = tokio::spawn(ingress::serve(
@@ -124,6 +153,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             common::metrics::log_on_sigusr1(&counters, "enclave-proxy").await;
         })
     };
+    if let (Some(path), false) = (&config.resolv_conf, config.no_dns) {
+        write_resolv_conf(path, config.gateway).map_err(|source| StartError::ResolvConf {
+            path: path.clone(),
+            source,
+        })?;
+    }
     info!(
         tap = %config.tap,
         address = %format!("{}/{}", config.address.0, config.address.1),
@@ -131,6 +166,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         mtu = config.mtu,
         host = %config.host,
         listen = %config.listen,
+        dns = !config.no_dns,
         "enclave-proxy ready"
     );
     stack.run(common::telemetry::shutdown_signal()).await;

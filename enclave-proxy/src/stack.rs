@@ -28,7 +28,7 @@
 //! from the untrusted host and must not be used for authorisation.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Wake, Waker};
@@ -50,6 +50,7 @@ use crate::packet::{
 };
 use crate::shard::{ConnId, Shards};
 use crate::tap::{Tap, ETH_HEADER, RX_BUDGET};
+use crate::udp::{Flows, UdpFlow, DNS_PORT};
 
 /// The stack's MAC on the TAP: locally administered, fixed, so ARP caches survive restarts.
 pub const STACK_MAC: EthernetAddress = EthernetAddress([0x02, 0x65, 0x6e, 0x65, 0x74, 0x01]);
@@ -109,6 +110,20 @@ pub enum Event {
         /// so that it can be the connection's source; if not, the gateway is.
         routed: bool,
     },
+    /// A datagram for the app from a flow's stream.
+    Datagram {
+        /// The flow.
+        flow: UdpFlow,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+    /// A flow's task has ended.
+    FlowEnded {
+        /// The flow.
+        flow: UdpFlow,
+        /// Which task it was.
+        id: u64,
+    },
 }
 
 /// What ended the stack's sleep.
@@ -140,6 +155,10 @@ pub struct Settings {
     /// The most egress connections waiting on host-proxy for one destination: a slow or
     /// black-holed destination delays only its own connections.
     pub max_pending_per_destination: usize,
+    /// Whether the stack answers DNS at the gateway (UDP and TCP port 53).
+    pub dns: bool,
+    /// The TAP's MTU.
+    pub mtu: usize,
 }
 
 /// A map keyed by flows and connections, looked up for every frame.
@@ -264,6 +283,8 @@ pub struct Stack {
     egress_live: usize,
     /// Lent to each connection while it is pumped (see [`crate::conn`]).
     scratch: Box<[u8]>,
+    /// DNS flows (see [`crate::udp`]).
+    datagrams: Flows,
 }
 
 impl Stack {
@@ -281,6 +302,11 @@ impl Stack {
         let (_, mut wire) = tap.split(STACK_MAC, KERNEL_MAC);
         let shards = Shards::new(settings.gateway, prefix, SHARD_SOCKETS, seed, &mut wire);
         let (events_tx, events) = mpsc::channel(1024);
+        let datagrams = Flows::new(
+            settings.host.clone(),
+            settings.connect_timeout,
+            counters.clone(),
+        );
         let stack = Stack {
             shards,
             tap,
@@ -299,6 +325,7 @@ impl Stack {
             ingress_live: 0,
             egress_live: 0,
             scratch: vec![0u8; crate::conn::SCRATCH_LEN].into_boxed_slice(),
+            datagrams,
         };
         (stack, events_tx)
     }
@@ -371,7 +398,17 @@ impl Stack {
                     }
                     _ => None,
                 },
-                Frame::Ip => None,
+                Frame::Ip => {
+                    if self.settings.dns {
+                        if let Some((flow, payload)) = crate::udp::parse(frame) {
+                            if flow.remote == SocketAddrV4::new(self.settings.gateway, DNS_PORT) {
+                                self.datagrams.query(flow, payload, &self.events_tx);
+                                continue;
+                            }
+                        }
+                    }
+                    None
+                }
                 Frame::Arp => {
                     if let Some(reply) = arp_reply(frame, STACK_MAC, self.settings.gateway) {
                         self.tap.send_raw(&reply);
@@ -480,6 +517,26 @@ impl Stack {
                 span,
                 routed,
             } => self.start_ingress(header, link, span, routed, now),
+            Event::Datagram { flow, payload } => {
+                match crate::udp::reply_frame(
+                    &flow,
+                    &payload,
+                    self.settings.mtu,
+                    STACK_MAC,
+                    KERNEL_MAC,
+                ) {
+                    Some(frame) => self.tap.send_raw(&frame),
+                    None => {
+                        debug!(
+                            ?flow,
+                            len = payload.len(),
+                            "answer larger than the MTU dropped"
+                        );
+                        Counters::bump(&self.counters.dns_dropped);
+                    }
+                }
+            }
+            Event::FlowEnded { flow, id } => self.datagrams.ended(flow, id),
         }
     }
 
@@ -509,8 +566,12 @@ impl Stack {
         }
         *self.pending.entry(dst).or_insert(0) += 1;
         self.pending_total += 1;
+        // TCP to the gateway's port 53 is DNS over TCP, for host-proxy to carry to a resolver.
+        let dns = self.settings.dns
+            && held.key.remote
+                == IpEndpoint::new(self.settings.gateway.into(), crate::udp::DNS_PORT);
         let header = Header {
-            kind: Kind::TcpEgress,
+            kind: if dns { Kind::DnsTcp } else { Kind::TcpEgress },
             src: held.key.local.into(),
             dst: held.key.remote.into(),
         };
@@ -769,7 +830,8 @@ impl Stack {
     fn count_live(&mut self, kind: Kind, up: bool) {
         let (count, gauge) = match kind {
             Kind::TcpIngress => (&mut self.ingress_live, &self.counters.live_ingress),
-            Kind::TcpEgress => (&mut self.egress_live, &self.counters.live_egress),
+            // DNS over TCP is an egress connection of the app's.
+            _ => (&mut self.egress_live, &self.counters.live_egress),
         };
         if up {
             *count += 1;

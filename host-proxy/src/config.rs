@@ -82,6 +82,22 @@ pub struct Config {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// A resolver for the enclave's DNS queries, `IP` or `IP:PORT` (port 53 by default);
+    /// repeatable, tried in order. Without it, the nameservers of `--resolv-conf`, re-read
+    /// whenever that file changes.
+    #[arg(long = "dns-upstream", value_name = "IP[:PORT]", value_parser = crate::dns::parse_upstream)]
+    pub dns_upstream: Vec<std::net::SocketAddr>,
+
+    /// The parent's resolver configuration, whose `nameserver` lines serve the enclave when no
+    /// `--dns-upstream` is given.
+    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: std::path::PathBuf,
+
+    /// How long one enclave DNS query may take over all resolvers before the enclave is
+    /// answered SERVFAIL: below the 5 s after which glibc's stub resolver gives up on a server.
+    #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = common::cli::parse_secs)]
+    pub dns_timeout: Duration,
 }
 
 /// A cap: a whole number of connections, at least 1.

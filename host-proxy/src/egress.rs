@@ -33,10 +33,15 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>) {
 /// task's busiest part, logs its end in the `tcp` span beneath it without running inside either
 /// (see [`crate::splice::pump`]).
 async fn handle(mut link: Stream, shared: Arc<Shared>, span: Span) {
-    let set_up = set_up(&mut link, &shared).instrument(span);
+    let set_up = set_up(&mut link, &shared).instrument(span.clone());
     // The permit and the gauge are held until the connection is over, however it ends.
-    let Some((_permit, _live, mut tcp, span)) = set_up.await else {
-        return;
+    let (_permit, _live, mut tcp, span) = match set_up.await {
+        SetUp::Tcp(permit, live, tcp, span) => (permit, live, tcp, span),
+        SetUp::DnsUdp(_permit, _live) => {
+            crate::dns::serve_udp(link, &shared).instrument(span).await;
+            return;
+        }
+        SetUp::Done => return,
     };
     let idle = shared.config.idle_timeout;
     crate::splice::pump(&mut tcp, &mut link, &shared.counters, idle, &span).await;
@@ -44,12 +49,19 @@ async fn handle(mut link: Stream, shared: Arc<Shared>, span: Span) {
     drop((tcp, link));
 }
 
-/// Admits the stream under the cap, reads its header and connects where it asks; returns the
-/// connection and its `tcp` span, or `None` once the stream has been answered otherwise.
-async fn set_up<'a>(
-    link: &mut Stream,
-    shared: &'a Shared,
-) -> Option<(EgressPermit<'a>, LiveGuard<'a>, TcpStream, Span)> {
+/// What a stream's set-up came to.
+enum SetUp<'a> {
+    /// A TCP connection to splice, with its `tcp` span.
+    Tcp(EgressPermit<'a>, LiveGuard<'a>, TcpStream, Span),
+    /// A stream of DNS queries, not yet answered.
+    DnsUdp(EgressPermit<'a>, LiveGuard<'a>),
+    /// The stream has been answered otherwise.
+    Done,
+}
+
+/// Admits the stream under the cap, reads its header and connects where it asks (for DNS over
+/// TCP, to a resolver).
+async fn set_up<'a>(link: &mut Stream, shared: &'a Shared) -> SetUp<'a> {
     // Taken before the header is read, so streams stuck in the handshake count too.
     let permit = match shared.caps.egress() {
         Ok(permit) => permit,
@@ -58,7 +70,7 @@ async fn set_up<'a>(
             debug!("{cap}, refusing egress stream");
             Counters::bump(&shared.counters.capped);
             let _ = write_status(link, Status::Unreachable).await;
-            return None;
+            return SetUp::Done;
         }
     };
     let live = shared.counters.live(&shared.counters.live_egress);
@@ -68,25 +80,39 @@ async fn set_up<'a>(
             common::warn_limited!("dropping egress stream: {e}");
             Counters::bump(&shared.counters.failed);
             let _ = write_status(link, Status::BadRequest).await;
-            return None;
+            return SetUp::Done;
         }
     };
-    if header.kind != Kind::TcpEgress {
-        common::warn_limited!(kind = ?header.kind, "dropping stream: not an egress request");
-        Counters::bump(&shared.counters.failed);
-        let _ = write_status(link, Status::BadRequest).await;
-        return None;
-    }
-    let span = info_span!("tcp", tcp.src = %header.src, tcp.dst = %header.dst);
-    let tcp = open(link, header.dst, shared)
+    let dns = match header.kind {
+        Kind::TcpEgress => false,
+        Kind::DnsTcp => true,
+        Kind::DnsUdp => return SetUp::DnsUdp(permit, live),
+        Kind::TcpIngress => {
+            common::warn_limited!(kind = ?header.kind, "dropping stream: not an egress request");
+            Counters::bump(&shared.counters.failed);
+            let _ = write_status(link, Status::BadRequest).await;
+            return SetUp::Done;
+        }
+    };
+    let span = info_span!("tcp", tcp.src = %header.src, tcp.dst = %header.dst, dns);
+    match open(link, header.dst, dns, shared)
         .instrument(span.clone())
-        .await?;
-    Some((permit, live, tcp, span))
+        .await
+    {
+        Some(tcp) => SetUp::Tcp(permit, live, tcp, span),
+        None => SetUp::Done,
+    }
 }
 
-/// Connects to `dst` and answers the stream with the status; `None` unless both succeeded.
-async fn open(link: &mut Stream, dst: SocketAddr, shared: &Shared) -> Option<TcpStream> {
-    let tcp = match connect(dst, shared).await {
+/// Connects to `dst` (or, for DNS, to a resolver) and answers the stream with the status; `None`
+/// unless both succeeded.
+async fn open(link: &mut Stream, dst: SocketAddr, dns: bool, shared: &Shared) -> Option<TcpStream> {
+    let connected = if dns {
+        crate::dns::connect_tcp(shared).await
+    } else {
+        connect(dst, shared).await
+    };
+    let tcp = match connected {
         Ok(tcp) => tcp,
         Err(status) => {
             shared.counters.failure(status);

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod dns;
 pub mod egress;
 pub mod ingress;
 pub mod limits;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub counters: Counters,
     /// Connection caps.
     pub caps: limits::Caps,
+    /// Where the enclave's DNS queries go.
+    pub resolvers: dns::Resolvers,
 }
 
 /// Why host-proxy could not start.
@@ -80,6 +83,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         policy: policy::Policy::new(rules),
         counters: Counters::default(),
         caps: limits::Caps::new(config.max_ingress, config.max_egress, config.max_per_client),
+        resolvers: dns::Resolvers::new(config.dns_upstream.clone(), config.resolv_conf.clone()),
         config,
     });
     let listeners: usize = shared

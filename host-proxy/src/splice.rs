@@ -289,7 +289,8 @@ impl FromEnclave {
                         flow.poke = true;
                     }
                     Some(Chunk::Rst) => return Poll::Ready(Err(SpliceError::PeerReset)),
-                    Some(Chunk::Fin) | None => {}
+                    // A byte stream's decoder yields no datagrams.
+                    Some(Chunk::Fin | Chunk::Datagram { .. }) | None => {}
                 }
             }
         }

@@ -814,7 +814,7 @@ fn ingress_by_hand(link: &Path, src: SocketAddr, port: u16) -> Result<HandMade, 
                 Some(Chunk::Fin) => made.end = End::Fin,
                 Some(Chunk::Rst) => made.end = End::Rst,
                 // The stream sends nothing, so there is no window to reopen.
-                Some(Chunk::Credit(_)) | None => {}
+                Some(Chunk::Credit(_) | Chunk::Datagram { .. }) | None => {}
             }
             at += used;
         }

@@ -1,0 +1,421 @@
+//! The enclave's resolver, parent side: enclave-proxy answers DNS at its gateway address and
+//! forwards every query here, over a stream of kind `DnsUdp` (datagram frames, one stream per
+//! client socket) or `DnsTcp` (one DNS-over-TCP connection).
+//!
+//! A query goes to the resolvers in order (`--dns-upstream`, or the `nameserver` lines of the
+//! parent's resolv.conf, re-read when the file changes), each from a fresh UDP socket, until one
+//! answers with the query's id; the answer goes back byte for byte (id, TTLs, the TC bit). When
+//! none answers within `--dns-timeout`, or there is none, the enclave gets SERVFAIL and the log
+//! says why. DNS over TCP is carried to the first resolver that accepts a connection.
+//!
+//! Nothing from the enclave is trusted: a datagram that is not a DNS query (shorter than a
+//! header, or a response) is dropped and counted; a reply from a resolver is passed on only if
+//! it came from that resolver's address and carries the query's id.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use common::frame::{self, Chunk, Deframer, SendWindow, MAX_DATAGRAM};
+use common::handshake::write_status;
+use common::metrics::Counters;
+use common::transport::Stream;
+use common::wire::Status;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::Shared;
+
+/// A DNS header's length.
+const HEADER_LEN: usize = 12;
+/// How long a DNS stream may stay without a query before host-proxy ends it. enclave-proxy
+/// ends its side sooner; this only bounds a stream it forgot.
+const STREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// Parses `--dns-upstream`: `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    match s.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr),
+        _ => Err(format!("{s:?} is not IP or IP:PORT (IPv6 as [IP]:PORT)")),
+    }
+}
+
+/// The nameservers of a resolv.conf text, on port 53. Lines that are not a `nameserver` with an
+/// IP address (comments, options, a scoped IPv6 address) are skipped.
+pub fn nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next()?.parse::<IpAddr>().ok())
+                .flatten()
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// A resolv.conf as last read: its modification time and length, and its nameservers.
+type Read = ((SystemTime, u64), Arc<Vec<SocketAddr>>);
+
+/// Where queries go: the configured resolvers, or those of the parent's resolv.conf.
+#[derive(Debug)]
+pub struct Resolvers {
+    configured: Vec<SocketAddr>,
+    path: PathBuf,
+    cache: Mutex<Option<Read>>,
+}
+
+impl Resolvers {
+    /// `configured` if not empty, else the nameservers in the file at `path`.
+    pub fn new(configured: Vec<SocketAddr>, path: PathBuf) -> Resolvers {
+        Resolvers {
+            configured,
+            path,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The resolvers to try now, or why there are none.
+    pub fn current(&self) -> Result<Arc<Vec<SocketAddr>>, String> {
+        if !self.configured.is_empty() {
+            return Ok(Arc::new(self.configured.clone()));
+        }
+        let stamp = std::fs::metadata(&self.path)
+            .and_then(|m| Ok((m.modified()?, m.len())))
+            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, servers)) = cache.as_ref() {
+            if *at == stamp {
+                return non_empty(servers.clone(), &self.path);
+            }
+        }
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+        let servers = Arc::new(nameservers(&text));
+        debug!(path = %self.path.display(), ?servers, "resolvers read");
+        *cache = Some((stamp, servers.clone()));
+        non_empty(servers, &self.path)
+    }
+}
+
+fn non_empty(servers: Arc<Vec<SocketAddr>>, path: &Path) -> Result<Arc<Vec<SocketAddr>>, String> {
+    if servers.is_empty() {
+        Err(format!("no nameserver in {}", path.display()))
+    } else {
+        Ok(servers)
+    }
+}
+
+/// Whether `msg` can be a DNS query: a whole header with QR clear.
+pub fn is_query(msg: &[u8]) -> bool {
+    msg.len() >= HEADER_LEN && msg[2] & 0x80 == 0
+}
+
+/// The SERVFAIL answer to `query` (which [`is_query`] accepted): its id, opcode, RD bit and
+/// question section, with QR and RA set, RCODE 2 and no records. A question section that does
+/// not parse is left out (QDCOUNT 0).
+pub fn servfail(query: &[u8]) -> Vec<u8> {
+    let questions = u16::from_be_bytes([query[4], query[5]]);
+    let end = question_end(query, questions);
+    let mut answer = query[..end.unwrap_or(HEADER_LEN)].to_vec();
+    answer[2] = 0x80 | (query[2] & 0x79); // QR, opcode and RD kept, AA and TC clear
+    answer[3] = 0x80 | 2; // RA, RCODE SERVFAIL
+    let qd = if end.is_some() { questions } else { 0 };
+    answer[4..6].copy_from_slice(&qd.to_be_bytes());
+    answer[6..12].fill(0);
+    answer
+}
+
+/// Where `count` questions after the header end, if they parse (uncompressed names, as in any
+/// query).
+fn question_end(msg: &[u8], count: u16) -> Option<usize> {
+    let mut at = HEADER_LEN;
+    for _ in 0..count {
+        loop {
+            let len = usize::from(*msg.get(at)?);
+            at += 1;
+            if len == 0 {
+                break;
+            }
+            if len > 63 {
+                return None;
+            }
+            at += len;
+        }
+        at += 4; // QTYPE, QCLASS
+    }
+    (at <= msg.len()).then_some(at)
+}
+
+/// Asks the resolvers in turn, sharing `budget` between them; returns the first answer with the
+/// query's id, or why there is none.
+pub async fn resolve(
+    query: &[u8],
+    servers: &[SocketAddr],
+    budget: Duration,
+) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + budget;
+    let mut why = String::new();
+    for (i, &server) in servers.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // An equal share of what is left, so a dead first resolver leaves time for the others.
+        let share = left / (servers.len() - i) as u32;
+        match tokio::time::timeout(share, ask(query, server)).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(e)) => why = format!("{server}: {e}"),
+            Err(_) => why = format!("{server}: no answer within {share:?}"),
+        }
+    }
+    Err(why)
+}
+
+/// One query to one resolver, from a fresh socket (a random source port).
+async fn ask(query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(server).await?;
+    socket.send(query).await?;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let n = socket.recv(&mut buf).await?;
+        // A connected socket only takes the resolver's datagrams; the id must match too.
+        if n >= HEADER_LEN && buf[..2] == query[..2] {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}
+
+/// Connects to the first resolver that accepts DNS over TCP within the budget.
+pub async fn connect_tcp(shared: &Shared) -> Result<TcpStream, Status> {
+    let servers = shared.resolvers.current().map_err(|why| {
+        common::warn_limited!("enclave DNS over TCP failed: {why}");
+        Status::Unreachable
+    })?;
+    let deadline = Instant::now() + shared.config.dns_timeout;
+    for (i, &server) in servers.iter().enumerate() {
+        let share = deadline.saturating_duration_since(Instant::now()) / (servers.len() - i) as u32;
+        match tokio::time::timeout(share, TcpStream::connect(server)).await {
+            Ok(Ok(tcp)) => {
+                crate::limits::keepalive(&tcp);
+                return Ok(tcp);
+            }
+            Ok(Err(e)) => debug!(%server, "DNS over TCP: {e}"),
+            Err(_) => debug!(%server, "DNS over TCP: no connection within {share:?}"),
+        }
+    }
+    common::warn_limited!("enclave DNS over TCP failed: no resolver accepted a connection");
+    Err(Status::Unreachable)
+}
+
+/// Serves one `DnsUdp` stream, whose header has been read: answers `ok`, then answers each query
+/// until the enclave ends the stream or it stays idle.
+pub async fn serve_udp(mut link: Stream, shared: &Shared) {
+    if write_status(&mut link, Status::Ok).await.is_err() {
+        return;
+    }
+    Counters::bump(&shared.counters.opened);
+    let mut deframer = Deframer::datagrams();
+    let mut window = SendWindow::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut query = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let n = match tokio::time::timeout(STREAM_IDLE, link.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => {
+                debug!("DNS stream failed: {e}");
+                return;
+            }
+            Err(_) => break,
+        };
+        let mut at = 0;
+        while at < n {
+            let (used, chunk) = match deframer.decode(&buf[at..n]) {
+                Ok(r) => r,
+                Err(e) => {
+                    common::warn_limited!("bad frame on a DNS stream: {e}");
+                    Counters::bump(&shared.counters.reset);
+                    return;
+                }
+            };
+            match chunk {
+                Some(Chunk::Datagram { n: k, end }) => {
+                    query.extend_from_slice(&buf[at + used - k..at + used]);
+                    deframer.delivered(k);
+                    if end {
+                        out.clear();
+                        answer(&query, shared, &mut out, &mut window).await;
+                        query.clear();
+                    }
+                }
+                Some(Chunk::Credit(amount)) => {
+                    if window.credited(amount).is_err() {
+                        return;
+                    }
+                }
+                Some(Chunk::Fin) => {
+                    let _ = link.write_all(&frame::FIN).await;
+                    return;
+                }
+                Some(Chunk::Rst) => return,
+                Some(Chunk::Data(_)) | None => {}
+            }
+            at += used;
+        }
+        if let Some(credit) = deframer.credit_due() {
+            out.extend_from_slice(&credit);
+        }
+        if !out.is_empty() && link.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+    }
+    let _ = link.write_all(&frame::FIN).await;
+}
+
+/// Resolves `query` and appends the answer's frames to `out` (if the window has room).
+async fn answer(query: &[u8], shared: &Shared, out: &mut Vec<u8>, window: &mut SendWindow) {
+    if !is_query(query) {
+        debug!(
+            len = query.len(),
+            "dropped a datagram that is not a DNS query"
+        );
+        Counters::bump(&shared.counters.dns_dropped);
+        return;
+    }
+    Counters::bump(&shared.counters.dns_queries);
+    let reply = match shared.resolvers.current() {
+        Ok(servers) => resolve(query, &servers, shared.config.dns_timeout).await,
+        Err(why) => Err(why),
+    };
+    let reply = reply.unwrap_or_else(|why| {
+        common::warn_limited!("enclave DNS query answered SERVFAIL: {why}");
+        Counters::bump(&shared.counters.dns_servfail);
+        servfail(query)
+    });
+    let mut frames = Vec::new();
+    let cost = frame::encode_datagram(&mut frames, &reply);
+    if window.try_send(cost) {
+        out.extend_from_slice(&frames);
+    } else {
+        debug!("DNS answer dropped: the enclave is not reading");
+        Counters::bump(&shared.counters.dns_dropped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A query for `example.test.` type A with an EDNS OPT record.
+    fn query() -> Vec<u8> {
+        let mut q = vec![0xab, 0xcd, 0x01, 0x20, 0, 1, 0, 0, 0, 0, 0, 1];
+        q.extend_from_slice(b"\x07example\x04test\x00\x00\x01\x00\x01");
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+        q
+    }
+
+    #[test]
+    fn upstreams_and_resolv_conf_parse() {
+        assert_eq!(
+            parse_upstream("10.0.0.2"),
+            Ok("10.0.0.2:53".parse().unwrap())
+        );
+        assert_eq!(
+            parse_upstream("10.0.0.2:5353"),
+            Ok("10.0.0.2:5353".parse().unwrap())
+        );
+        assert_eq!(parse_upstream("[::1]:53"), Ok("[::1]:53".parse().unwrap()));
+        assert_eq!(parse_upstream("::1"), Ok("[::1]:53".parse().unwrap()));
+        assert!(parse_upstream("resolver.test").is_err());
+        assert!(parse_upstream("10.0.0.2:0").is_err());
+        let text = "# comment\nsearch test\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\n\
+                    nameserver   2001:db8::53 \noptions ndots:2\nnameserver\n";
+        assert_eq!(
+            nameservers(text),
+            [
+                "10.0.0.2:53".parse().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn servfail_keeps_id_question_and_rd() {
+        let q = query();
+        assert!(is_query(&q));
+        let a = servfail(&q);
+        assert_eq!(&a[..2], &[0xab, 0xcd]);
+        assert_eq!(a[2], 0x81, "QR and RD");
+        assert_eq!(a[3] & 0x0f, 2, "SERVFAIL");
+        assert_eq!(&a[4..12], &[0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&a[12..], b"\x07example\x04test\x00\x00\x01\x00\x01");
+        assert!(!is_query(&a), "an answer is not a query");
+        // A question that does not parse is left out.
+        let mut cut = q[..20].to_vec();
+        cut[4..6].copy_from_slice(&[0, 1]);
+        assert_eq!(servfail(&cut).len(), HEADER_LEN);
+        assert!(!is_query(&q[..11]));
+    }
+
+    #[tokio::test]
+    async fn the_first_resolver_that_answers_wins_and_a_dead_one_is_skipped() {
+        let good = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        // Nothing answers here: it swallows the query.
+        let dead = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, from) = good.recv_from(&mut buf).await.unwrap();
+            // A reply with another id first: ignored.
+            let mut wrong = buf[..n].to_vec();
+            wrong[0] ^= 0xff;
+            good.send_to(&wrong, from).await.unwrap();
+            let mut reply = buf[..n].to_vec();
+            reply[2] |= 0x80;
+            good.send_to(&reply, from).await.unwrap();
+        });
+        let q = query();
+        let answer = resolve(&q, &[dead_addr, good_addr], Duration::from_millis(600))
+            .await
+            .unwrap();
+        assert_eq!(&answer[..2], &q[..2]);
+        assert_eq!(answer[2] & 0x80, 0x80);
+        let err = resolve(&q, &[dead_addr], Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.contains("no answer"), "{err}");
+        drop(dead);
+    }
+
+    #[test]
+    fn resolv_conf_is_followed_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("enclave-net-dns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, "nameserver 10.0.0.2\n").unwrap();
+        let r = Resolvers::new(Vec::new(), path.clone());
+        assert_eq!(*r.current().unwrap(), ["10.0.0.2:53".parse().unwrap()]);
+        std::fs::write(&path, "nameserver 10.0.0.3\nnameserver 10.0.0.4\n").unwrap();
+        assert_eq!(r.current().unwrap().len(), 2);
+        std::fs::write(&path, "# nothing\n").unwrap();
+        assert!(r.current().unwrap_err().contains("no nameserver"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(r.current().unwrap_err().contains("cannot read"));
+        let fixed = Resolvers::new(vec!["10.0.0.9:53".parse().unwrap()], path);
+        assert_eq!(fixed.current().unwrap().len(), 1);
+    }
+}
