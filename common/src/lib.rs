@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod dns;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;

@@ -284,6 +284,43 @@ pub fn seeds() -> Vec<Seed> {
         "credit-too-large",
         frames(&[], None, &[5, 0x10, 0, 1]),
     );
+    // datagram: DNS streams as the daemons write them.
+    let mut datagrams = Vec::new();
+    for d in [&b"\x12\x34query"[..], b"", &[7u8; 600][..]] {
+        frame::encode_datagram(&mut datagrams, d);
+    }
+    datagrams.extend_from_slice(&frame::credit(frame::CREDIT_EVERY));
+    add(
+        "datagram",
+        "three-then-credit",
+        frames(&[5], None, &datagrams),
+    );
+    let mut big = Vec::new();
+    frame::encode_datagram(&mut big, &vec![0x5a; MAX_DATA + 10]);
+    big.extend_from_slice(&FIN);
+    add("datagram", "two-pieces-fin", frames(&[1000, 3], fin, &big));
+    add(
+        "datagram",
+        "more-then-empty",
+        frames(&[], None, &[4, 1, 0, 0]),
+    );
+    add(
+        "datagram",
+        "data-frame",
+        frames(&[], None, &[1, 0, 0, 1, 0]),
+    );
+    // dns: a query as a stub resolver sends it, one with EDNS, a response, a cut question.
+    let mut q = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(b"\x03web\x07enclave\x04test\x00\x00\x01\x00\x01");
+    add("dns", "query-a", q.clone());
+    let mut edns = q.clone();
+    edns[11] = 1;
+    edns.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+    add("dns", "query-edns", edns);
+    let mut response = q.clone();
+    response[2] |= 0x80;
+    add("dns", "response", response);
+    add("dns", "cut-question", q[..20].to_vec());
     let mut cut_header = small.clone();
     cut_header.extend_from_slice(&frame::data_header(9)[..2]);
     add("frame", "cut-in-header", frames(&[3], None, &cut_header));
