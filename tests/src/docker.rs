@@ -31,6 +31,8 @@ pub struct Docker {
     daemon: Option<Daemon>,
     dir: PathBuf,
     netns_path: String,
+    /// dockerd's /etc/resolv.conf, if not the machine's.
+    resolv_conf: Option<PathBuf>,
 }
 
 fn short_dir() -> PathBuf {
@@ -51,6 +53,13 @@ fn short_dir() -> PathBuf {
 impl Docker {
     /// Starts dockerd inside `ns` and imports the test images.
     pub fn start(ns: &Netns) -> Docker {
+        Docker::start_with(ns, None)
+    }
+
+    /// Like [`Docker::start`], with `resolv_conf` as dockerd's /etc/resolv.conf (bind-mounted in
+    /// a mount namespace of its own), as in an enclave whose resolv.conf enclave-proxy wrote:
+    /// containers on the default bridge inherit its nameserver.
+    pub fn start_with(ns: &Netns, resolv_conf: Option<&Path>) -> Docker {
         let dir = short_dir();
         let legacy = dir.join("iptables-legacy");
         std::fs::create_dir_all(&legacy).expect("mkdir");
@@ -68,6 +77,7 @@ impl Docker {
             daemon: None,
             dir,
             netns_path: ns.path(),
+            resolv_conf: resolv_conf.map(Path::to_path_buf),
         };
         docker.start_daemon();
         docker.import_images();
@@ -80,7 +90,17 @@ impl Docker {
             self.dir.join("iptables-legacy").display(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
-        let mut cmd = Command::new("nsenter");
+        let mut cmd = match &self.resolv_conf {
+            None => Command::new("nsenter"),
+            Some(resolv) => {
+                // unshare and nsenter both exec, so the PID is dockerd's.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/resolv.conf && exec nsenter "$@""#)
+                    .arg(resolv);
+                c
+            }
+        };
         cmd.arg(format!("--net={}", self.netns_path))
             .arg("/usr/sbin/dockerd")
             .arg("--data-root")

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use enclave_net_tests::docker::{Docker, BUSYBOX_IMAGE};
 use enclave_net_tests::process::Daemon;
 use enclave_net_tests::topology::*;
 use enclave_net_tests::traffic::*;
@@ -204,6 +205,28 @@ async fn t1_names_resolve_and_are_usable() {
     })
     .await;
     drop(etc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2_dns_works_in_containers() {
+    require_root();
+    let dir = TempDir::new("dns2");
+    let resolv = dir.0.join("resolv.conf");
+    let topo = start(&resolv, &[]);
+    let _dns = dnsmasq(&topo);
+    // dockerd reads the resolv.conf enclave-proxy wrote, as /etc/resolv.conf in an enclave.
+    let docker = Docker::start_with(&topo.enclave, Some(&resolv));
+    // A container on the default bridge, with no Docker flags and no resolv.conf of its own.
+    let conf = docker.cli(&["run", "--rm", BUSYBOX_IMAGE, "cat", "/etc/resolv.conf"]);
+    assert!(conf.contains(&format!("nameserver {GATEWAY}")), "{conf}");
+    let out = docker.try_cli(&["run", "--rm", BUSYBOX_IMAGE, "busybox", "nslookup", WEB]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains(&INTERNET_IP.to_string()),
+        "nslookup {WEB} in a container: {said}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        topo.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
