@@ -33,6 +33,8 @@ pub struct Docker {
     netns_path: String,
     /// dockerd's /etc/resolv.conf, if not the machine's.
     resolv_conf: Option<PathBuf>,
+    /// More dockerd arguments.
+    extra: Vec<String>,
 }
 
 fn short_dir() -> PathBuf {
@@ -53,13 +55,13 @@ fn short_dir() -> PathBuf {
 impl Docker {
     /// Starts dockerd inside `ns` and imports the test images.
     pub fn start(ns: &Netns) -> Docker {
-        Docker::start_with(ns, None)
+        Docker::start_with(ns, None, &[])
     }
 
     /// Like [`Docker::start`], with `resolv_conf` as dockerd's /etc/resolv.conf (bind-mounted in
     /// a mount namespace of its own), as in an enclave whose resolv.conf enclave-proxy wrote:
-    /// containers on the default bridge inherit its nameserver.
-    pub fn start_with(ns: &Netns, resolv_conf: Option<&Path>) -> Docker {
+    /// containers on the default bridge inherit its nameserver. `extra` goes to dockerd.
+    pub fn start_with(ns: &Netns, resolv_conf: Option<&Path>, extra: &[&str]) -> Docker {
         let dir = short_dir();
         let legacy = dir.join("iptables-legacy");
         std::fs::create_dir_all(&legacy).expect("mkdir");
@@ -78,6 +80,7 @@ impl Docker {
             dir,
             netns_path: ns.path(),
             resolv_conf: resolv_conf.map(Path::to_path_buf),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         docker.start_daemon();
         docker.import_images();
@@ -111,6 +114,7 @@ impl Docker {
             .arg(format!("unix://{}", self.socket().display()))
             .arg("--pidfile")
             .arg(self.dir.join("dockerd.pid"))
+            .args(&self.extra)
             .env("PATH", path);
         self.daemon = Some(Daemon::start_with(
             "dockerd",

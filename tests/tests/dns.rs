@@ -22,6 +22,8 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
 const WEB: &str = "web.enclave.test";
 /// A name whose TXT answer is larger than 512 bytes.
 const BIG: &str = "big.enclave.test";
+/// The registry's name in the test zone.
+const REGISTRY: &str = "registry.enclave.test";
 /// The TTL dnsmasq gives its records, which must reach the enclave unchanged.
 const TTL: u32 = 4242;
 /// One of the TXT strings of `BIG`.
@@ -47,6 +49,7 @@ fn dnsmasq(topo: &Topology) -> Daemon {
         &format!("--local-ttl={TTL}"),
         "--local=/enclave.test/",
         &format!("--host-record={WEB},{INTERNET_IP}"),
+        &format!("--host-record={REGISTRY},{INTERNET_IP}"),
         &format!("--txt-record={BIG},{txt}"),
     ]);
     Daemon::start_with(
@@ -215,7 +218,7 @@ async fn t2_dns_works_in_containers() {
     let topo = start(&resolv, &[]);
     let _dns = dnsmasq(&topo);
     // dockerd reads the resolv.conf enclave-proxy wrote, as /etc/resolv.conf in an enclave.
-    let docker = Docker::start_with(&topo.enclave, Some(&resolv));
+    let docker = Docker::start_with(&topo.enclave, Some(&resolv), &[]);
     // A container on the default bridge, with no Docker flags and no resolv.conf of its own.
     let conf = docker.cli(&["run", "--rm", BUSYBOX_IMAGE, "cat", "/etc/resolv.conf"]);
     assert!(conf.contains(&format!("nameserver {GATEWAY}")), "{conf}");
@@ -227,6 +230,78 @@ async fn t2_dns_works_in_containers() {
         String::from_utf8_lossy(&out.stderr),
         topo.logs()
     );
+}
+
+/// Debian's docker-registry in the "internet" namespace, storing in `dir`.
+fn registry(topo: &Topology, dir: &Path) -> Daemon {
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {INTERNET_IP}:5000\n",
+            dir.join("registry").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = topo.internet.command("docker-registry");
+    cmd.args(["serve", config.to_str().unwrap()]);
+    Daemon::start_with(
+        "docker-registry",
+        cmd,
+        dir.join("registry.log"),
+        "listening on",
+        Duration::from_secs(5),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t3_docker_push_and_pull_by_name_through_the_pair() {
+    require_root();
+    let dir = TempDir::new("dns3");
+    let resolv = dir.0.join("resolv.conf");
+    let topo = start(&resolv, &[]);
+    let _dns = dnsmasq(&topo);
+    let _registry = registry(&topo, &dir.0);
+    let registry_addr = format!("{REGISTRY}:5000");
+    let docker = Docker::start_with(
+        &topo.enclave,
+        Some(&resolv),
+        &["--insecure-registry", &registry_addr],
+    );
+    let image = format!("{registry_addr}/busybox:pulled");
+    docker.cli(&["tag", BUSYBOX_IMAGE, &image]);
+    let push = docker.try_cli(&["push", &image]);
+    assert!(
+        push.status.success(),
+        "docker push: {}{}\n{}",
+        String::from_utf8_lossy(&push.stdout),
+        String::from_utf8_lossy(&push.stderr),
+        topo.logs()
+    );
+    // Gone locally (both names), then back by name from the registry, and it runs.
+    docker.cli(&["rmi", &image, BUSYBOX_IMAGE]);
+    assert!(!docker
+        .try_cli(&["image", "inspect", &image])
+        .status
+        .success());
+    let pull = docker.try_cli(&["pull", &image]);
+    assert!(
+        pull.status.success(),
+        "docker pull: {}{}\n{}",
+        String::from_utf8_lossy(&pull.stdout),
+        String::from_utf8_lossy(&pull.stderr),
+        topo.logs()
+    );
+    let said = docker.cli(&[
+        "run",
+        "--rm",
+        &image,
+        "busybox",
+        "echo",
+        "pulled and running",
+    ]);
+    assert_eq!(said.trim(), "pulled and running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
