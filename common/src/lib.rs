@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod datagram;
 pub mod dns;
 pub mod frame;
 pub mod handshake;

@@ -14,7 +14,7 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::frame::{self, Chunk, Deframer, SendWindow, MAX_DATAGRAM};
+use common::datagram::{DatagramError, DatagramLink};
 use common::metrics::Counters;
 use common::transport::LinkAddr;
 use common::wire::{Header, Kind};
@@ -23,7 +23,6 @@ use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Packet,
     Ipv4Repr, UdpPacket, UdpRepr,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
@@ -220,7 +219,7 @@ async fn run(
     };
     match crate::egress::open(&host, &header, connect_timeout).await {
         Ok(link) => {
-            if let Err(why) = carry(link, flow, &mut queries, &events, &counters).await {
+            if let Err(why) = carry(link, flow, &mut queries, &events, &counters, FLOW_IDLE).await {
                 debug!("DNS flow ended: {why}");
             }
         }
@@ -235,72 +234,35 @@ async fn run(
 }
 
 async fn carry(
-    mut link: common::transport::Stream,
+    link: common::transport::Stream,
     flow: UdpFlow,
-    queries: &mut mpsc::Receiver<Vec<u8>>,
+    datagrams: &mut mpsc::Receiver<Vec<u8>>,
     events: &mpsc::Sender<Event>,
     counters: &Counters,
-) -> Result<(), String> {
-    let mut deframer = Deframer::datagrams();
-    let mut window = SendWindow::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut answer = Vec::new();
-    let mut out = Vec::new();
+    idle: Duration,
+) -> Result<(), DatagramError> {
+    let mut link = DatagramLink::new(link);
     loop {
         tokio::select! {
-            query = queries.recv() => {
-                let Some(query) = query else { break };
-                out.clear();
-                let cost = frame::encode_datagram(&mut out, &query);
-                if !window.try_send(cost) {
-                    debug!("DNS query dropped: host-proxy is not reading");
+            datagram = datagrams.recv() => {
+                let Some(datagram) = datagram else { break };
+                if !link.queue(&datagram) {
+                    debug!("datagram dropped: host-proxy is not reading");
                     Counters::bump(&counters.dns_dropped);
-                    continue;
-                }
-                link.write_all(&out).await.map_err(|e| format!("link: {e}"))?;
-            }
-            read = link.read(&mut buf) => {
-                let n = read.map_err(|e| format!("link: {e}"))?;
-                if n == 0 {
-                    return Err("host-proxy closed the stream".into());
-                }
-                let mut at = 0;
-                while at < n {
-                    let (used, chunk) = deframer.decode(&buf[at..n]).map_err(|e| e.to_string())?;
-                    match chunk {
-                        Some(Chunk::Datagram { n: k, end }) => {
-                            answer.extend_from_slice(&buf[at + used - k..at + used]);
-                            deframer.delivered(k);
-                            if end {
-                                let payload = std::mem::take(&mut answer);
-                                let _ = events.send(Event::Datagram { flow, payload }).await;
-                            }
-                        }
-                        Some(Chunk::Credit(amount)) => {
-                            window.credited(amount).map_err(|e| e.to_string())?;
-                        }
-                        Some(Chunk::Fin) => return Ok(()),
-                        Some(Chunk::Rst) => return Err("reset by host-proxy".into()),
-                        Some(Chunk::Data(_)) | None => {}
-                    }
-                    at += used;
-                }
-                if let Some(credit) = deframer.credit_due() {
-                    link.write_all(&credit).await.map_err(|e| format!("link: {e}"))?;
                 }
             }
-            () = tokio::time::sleep(FLOW_IDLE) => break,
+            answer = link.recv() => match answer? {
+                Some(payload) => {
+                    let _ = events.send(Event::Datagram { flow, payload }).await;
+                }
+                None => return Ok(()),
+            },
+            () = tokio::time::sleep(idle) => break,
         }
+        link.flush().await?;
     }
     // Idle, or the stack is gone: end the stream cleanly.
-    link.write_all(&frame::FIN)
-        .await
-        .map_err(|e| format!("link: {e}"))?;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while matches!(link.read(&mut buf).await, Ok(n) if n > 0) {}
-    })
-    .await;
-    debug_assert!(answer.len() <= MAX_DATAGRAM);
+    link.finish(Duration::from_secs(1)).await;
     Ok(())
 }
 

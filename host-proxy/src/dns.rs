@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use common::datagram::DatagramLink;
 use common::dns::{is_query, servfail, HEADER_LEN};
-use common::frame::{self, Chunk, Deframer, SendWindow, MAX_DATAGRAM};
+use common::frame::MAX_DATAGRAM;
 use common::handshake::write_status;
 use common::metrics::Counters;
 use common::transport::Stream;
 use common::wire::Status;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::Instant;
 use tracing::debug;
@@ -183,94 +183,49 @@ pub async fn serve_udp(mut link: Stream, shared: &Shared) {
         return;
     }
     Counters::bump(&shared.counters.opened);
-    let mut deframer = Deframer::datagrams();
-    let mut window = SendWindow::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut query = Vec::new();
-    let mut out = Vec::new();
+    let mut link = DatagramLink::new(link);
     loop {
-        let n = match tokio::time::timeout(STREAM_IDLE, link.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            Ok(Ok(_)) => return,
+        let query = match tokio::time::timeout(STREAM_IDLE, link.recv()).await {
+            Ok(Ok(Some(query))) => query,
+            Ok(Ok(None)) | Err(_) => break,
             Ok(Err(e)) => {
-                debug!("DNS stream failed: {e}");
+                debug!("DNS stream ended: {e}");
                 return;
             }
-            Err(_) => break,
         };
-        let mut at = 0;
-        while at < n {
-            let (used, chunk) = match deframer.decode(&buf[at..n]) {
-                Ok(r) => r,
-                Err(e) => {
-                    common::warn_limited!("bad frame on a DNS stream: {e}");
-                    Counters::bump(&shared.counters.reset);
-                    return;
-                }
-            };
-            match chunk {
-                Some(Chunk::Datagram { n: k, end }) => {
-                    query.extend_from_slice(&buf[at + used - k..at + used]);
-                    deframer.delivered(k);
-                    if end {
-                        out.clear();
-                        answer(&query, shared, &mut out, &mut window).await;
-                        query.clear();
-                    }
-                }
-                Some(Chunk::Credit(amount)) => {
-                    if window.credited(amount).is_err() {
-                        return;
-                    }
-                }
-                Some(Chunk::Fin) => {
-                    let _ = link.write_all(&frame::FIN).await;
-                    return;
-                }
-                Some(Chunk::Rst) => return,
-                Some(Chunk::Data(_)) | None => {}
+        if let Some(reply) = answer(&query, shared).await {
+            if !link.queue(&reply) {
+                debug!("DNS answer dropped: the enclave is not reading");
+                Counters::bump(&shared.counters.dns_dropped);
             }
-            at += used;
         }
-        if let Some(credit) = deframer.credit_due() {
-            out.extend_from_slice(&credit);
-        }
-        if !out.is_empty() && link.write_all(&out).await.is_err() {
+        if link.flush().await.is_err() {
             return;
         }
-        out.clear();
     }
-    let _ = link.write_all(&frame::FIN).await;
+    link.finish(Duration::from_secs(1)).await;
 }
 
-/// Resolves `query` and appends the answer's frames to `out` (if the window has room).
-async fn answer(query: &[u8], shared: &Shared, out: &mut Vec<u8>, window: &mut SendWindow) {
+/// The answer to `query`: a resolver's, or SERVFAIL; `None` if it is not a query.
+async fn answer(query: &[u8], shared: &Shared) -> Option<Vec<u8>> {
     if !is_query(query) {
         debug!(
             len = query.len(),
             "dropped a datagram that is not a DNS query"
         );
         Counters::bump(&shared.counters.dns_dropped);
-        return;
+        return None;
     }
     Counters::bump(&shared.counters.dns_queries);
     let reply = match shared.resolvers.current() {
         Ok(servers) => resolve(query, &servers, shared.config.dns_timeout).await,
         Err(why) => Err(why),
     };
-    let reply = reply.unwrap_or_else(|why| {
+    Some(reply.unwrap_or_else(|why| {
         common::warn_limited!("enclave DNS query answered SERVFAIL: {why}");
         Counters::bump(&shared.counters.dns_servfail);
         servfail(query)
-    });
-    let mut frames = Vec::new();
-    let cost = frame::encode_datagram(&mut frames, &reply);
-    if window.try_send(cost) {
-        out.extend_from_slice(&frames);
-    } else {
-        debug!("DNS answer dropped: the enclave is not reading");
-        Counters::bump(&shared.counters.dns_dropped);
-    }
+    }))
 }
 
 #[cfg(test)]
