@@ -36,6 +36,12 @@ pub struct Counters {
     pub dns_servfail: AtomicU64,
     /// DNS datagrams dropped: not a query, a flow cap or a full window.
     pub dns_dropped: AtomicU64,
+    /// UDP flows opened.
+    pub udp_flows: AtomicU64,
+    /// UDP flows alive now (gauge).
+    pub live_udp: AtomicU64,
+    /// UDP datagrams dropped: a flow cap, a full queue or window, a socket that refused it.
+    pub udp_dropped: AtomicU64,
 }
 
 impl Counters {
@@ -77,6 +83,9 @@ impl Counters {
             dns.queries = self.dns_queries.load(Relaxed),
             dns.servfail = self.dns_servfail.load(Relaxed),
             dns.dropped = self.dns_dropped.load(Relaxed),
+            udp.flows = self.udp_flows.load(Relaxed),
+            live.udp = self.live_udp.load(Relaxed),
+            udp.dropped = self.udp_dropped.load(Relaxed),
             "{who} counters"
         );
     }

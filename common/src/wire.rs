@@ -19,9 +19,9 @@
 //!  +-------+---+----+--------+--------+----------+--------+----------+---------+
 //!    magic   1  1=TCP egress  4 or 6    A = 4 or 16 bytes   B = 4 or 16 bytes
 //!               2=TCP ingress
+//!               3=UDP egress (datagram frames)
 //!               4=DNS over UDP (datagram frames)
 //!               5=DNS over TCP (data frames)
-//!               (3=UDP reserved)
 //!
 //! Status (4 bytes):
 //!
@@ -61,6 +61,9 @@ pub enum Kind {
     TcpEgress,
     /// A TCP connection from an outside client to a port inside the enclave.
     TcpIngress,
+    /// A UDP flow from inside the enclave to the outside, as datagram frames: host-proxy sends
+    /// them from one UDP socket and sends the replies back.
+    UdpEgress,
     /// DNS queries over UDP to the enclave's resolver, as datagram frames: host-proxy answers
     /// them from the parent's resolvers.
     DnsUdp,
@@ -74,6 +77,7 @@ impl Kind {
         match self {
             Kind::TcpEgress => 1,
             Kind::TcpIngress => 2,
+            Kind::UdpEgress => 3,
             Kind::DnsUdp => 4,
             Kind::DnsTcp => 5,
         }
@@ -83,6 +87,7 @@ impl Kind {
         Some(match byte {
             1 => Kind::TcpEgress,
             2 => Kind::TcpIngress,
+            3 => Kind::UdpEgress,
             4 => Kind::DnsUdp,
             5 => Kind::DnsTcp,
             _ => return None,
@@ -91,7 +96,7 @@ impl Kind {
 
     /// Whether the stream carries datagrams (DATAGRAM frames) rather than a byte stream.
     pub fn datagrams(self) -> bool {
-        self == Kind::DnsUdp
+        matches!(self, Kind::UdpEgress | Kind::DnsUdp)
     }
 }
 
@@ -394,8 +399,8 @@ mod tests {
             Err(DecodeError::BadMagic(_))
         ));
         let (mut buf, _) = v4().encode();
-        buf[5] = 3;
-        assert_eq!(Header::decode(&buf[..len]), Err(DecodeError::BadKind(3)));
+        buf[5] = 6;
+        assert_eq!(Header::decode(&buf[..len]), Err(DecodeError::BadKind(6)));
         let (mut buf, _) = v4().encode();
         buf[7] = 5;
         assert_eq!(Header::decode(&buf[..len]), Err(DecodeError::BadFamily(5)));
@@ -461,8 +466,8 @@ mod tests {
         }
 
         #[test]
-        fn encode_then_decode_round_trips(src in arb_addr(), dst in arb_addr(), kind in 0usize..4) {
-            let kind = [Kind::TcpEgress, Kind::TcpIngress, Kind::DnsUdp, Kind::DnsTcp][kind];
+        fn encode_then_decode_round_trips(src in arb_addr(), dst in arb_addr(), kind in 0usize..5) {
+            let kind = [Kind::TcpEgress, Kind::TcpIngress, Kind::UdpEgress, Kind::DnsUdp, Kind::DnsTcp][kind];
             let h = Header { kind, src, dst };
             let (buf, len) = h.encode();
             prop_assert_eq!(len, h.encoded_len());

@@ -101,6 +101,17 @@ pub struct Config {
     /// example /etc/resolv.conf: containers on Docker's default bridge then inherit it).
     #[arg(long, value_name = "PATH")]
     pub resolv_conf: Option<std::path::PathBuf>,
+
+    /// A UDP flow (the app's socket and one destination) ends after this long without a
+    /// datagram either way: 60 s covers request/response protocols and keeps state short; a
+    /// quieter stream opens a new flow when it speaks again.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = common::cli::parse_secs)]
+    pub udp_idle_timeout: Duration,
+
+    /// The most UDP flows (DNS included) at once. Each is a task and a link stream (host-proxy
+    /// spends one socket on it); past the cap a new flow's datagrams are dropped and counted.
+    #[arg(long, value_name = "N", default_value = "1024")]
+    pub max_udp_flows: usize,
 }
 
 /// Whether the TAP does TCP segmentation offload (see [`Config::offload`]).

@@ -133,6 +133,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_egress: config.max_egress,
         max_pending_per_destination: config.max_pending_per_destination,
         dns: !config.no_dns,
+        udp_idle: config.udp_idle_timeout,
+        max_udp_flows: config.max_udp_flows,
         mtu: config.mtu as usize,
     };
     let (stack, events) = stack::Stack::new(tap, settings, counters.clone());

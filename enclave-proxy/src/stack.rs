@@ -50,7 +50,7 @@ use crate::packet::{
 };
 use crate::shard::{ConnId, Shards};
 use crate::tap::{Tap, ETH_HEADER, RX_BUDGET};
-use crate::udp::{Flows, UdpFlow, DNS_PORT};
+use crate::udp::{FlowSettings, Flows, UdpFlow, DNS_PORT};
 
 /// The stack's MAC on the TAP: locally administered, fixed, so ARP caches survive restarts.
 pub const STACK_MAC: EthernetAddress = EthernetAddress([0x02, 0x65, 0x6e, 0x65, 0x74, 0x01]);
@@ -157,6 +157,10 @@ pub struct Settings {
     pub max_pending_per_destination: usize,
     /// Whether the stack answers DNS at the gateway (UDP and TCP port 53).
     pub dns: bool,
+    /// A UDP flow's idle timeout.
+    pub udp_idle: Duration,
+    /// The most UDP flows (DNS included) at once.
+    pub max_udp_flows: usize,
     /// The TAP's MTU.
     pub mtu: usize,
 }
@@ -303,8 +307,15 @@ impl Stack {
         let shards = Shards::new(settings.gateway, prefix, SHARD_SOCKETS, seed, &mut wire);
         let (events_tx, events) = mpsc::channel(1024);
         let datagrams = Flows::new(
-            settings.host.clone(),
-            settings.connect_timeout,
+            FlowSettings {
+                host: settings.host.clone(),
+                connect_timeout: settings.connect_timeout,
+                dns: settings
+                    .dns
+                    .then(|| SocketAddrV4::new(settings.gateway, DNS_PORT)),
+                udp_idle: settings.udp_idle,
+                max_flows: settings.max_udp_flows,
+            },
             counters.clone(),
         );
         let stack = Stack {
@@ -399,13 +410,11 @@ impl Stack {
                     _ => None,
                 },
                 Frame::Ip => {
-                    if self.settings.dns {
-                        if let Some((flow, payload)) = crate::udp::parse(frame) {
-                            if flow.remote == SocketAddrV4::new(self.settings.gateway, DNS_PORT) {
-                                self.datagrams.query(flow, payload, &self.events_tx);
-                                continue;
-                            }
-                        }
+                    if let Some((flow, payload)) = crate::udp::parse(frame) {
+                        let gateway = self.settings.gateway;
+                        self.datagrams
+                            .datagram(flow, payload, gateway, &self.events_tx);
+                        continue;
                     }
                     None
                 }

@@ -1,16 +1,20 @@
-//! Datagrams from the enclave: its resolver. DNS queries to the gateway's port 53 are captured
-//! from the TAP, and each client socket (a flow: its address and port, and the gateway's) gets
-//! one stream of kind `DnsUdp` to host-proxy, which resolves with the parent's resolvers. The
-//! answers come back as UDP from the gateway.
+//! Datagrams from the enclave: UDP egress and its resolver. Every UDP datagram the enclave
+//! kernel sends out of the TAP is captured, and each flow (the app's address and port, and the
+//! destination's) gets one stream to host-proxy: of kind `DnsUdp` for the gateway's port 53,
+//! which host-proxy resolves with the parent's resolvers; of kind `UdpEgress` for anything
+//! else, which host-proxy sends from a UDP socket of its own. What comes back returns as UDP
+//! from the flow's destination.
 //!
-//! The stack keeps the flows ([`Flows`]); each flow is a task that owns its stream. A flow ends
-//! after [`FLOW_IDLE`] without a datagram either way; at most [`MAX_FLOWS`] are open at once.
-//! A datagram is never waited for: past the cap, into a flow whose queue is full, or when the
-//! stream's window is closed, it is dropped and counted (`dns.dropped`), and the client's
-//! resolver retries as it would on any lost datagram. So a flood on one flow never blocks the
-//! others, or the stack.
+//! The stack keeps the flows ([`Flows`]); each flow is a task that owns its stream. A DNS flow
+//! ends after [`DNS_IDLE`] without a datagram either way, a UDP flow after `--udp-idle-timeout`;
+//! at most `--max-udp-flows` are open at once. A datagram is never waited for: past the cap,
+//! into a flow whose queue is full, or when the stream's window is closed, it is dropped and
+//! counted (`dns.dropped` or `udp.dropped`, and a debug log line), as a full socket buffer drops
+//! UDP. So a flood on one flow never blocks the others, or the stack. Broadcast and multicast
+//! are not carried, nor UDP to the gateway's other ports.
 
 use std::net::SocketAddrV4;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +32,9 @@ use tracing::{debug, Instrument};
 
 use crate::stack::{Event, FlowMap};
 
-/// A flow ends after this long without a datagram either way. A stub resolver uses a socket for
-/// one lookup (a few queries, retried after 1 to 5 s), so this outlives its retries.
-pub const FLOW_IDLE: Duration = Duration::from_secs(10);
-/// The most DNS flows at once: each is a task and a stream to host-proxy.
-pub const MAX_FLOWS: usize = 1024;
+/// A DNS flow ends after this long without a datagram either way. A stub resolver uses a socket
+/// for one lookup (a few queries, retried after 1 to 5 s), so this outlives its retries.
+pub const DNS_IDLE: Duration = Duration::from_secs(10);
 /// Datagrams a flow queues while its stream is being opened or written.
 const FLOW_QUEUE: usize = 64;
 /// The DNS port.
@@ -120,46 +122,97 @@ struct Live {
     id: u64,
 }
 
-/// The stack's DNS flows.
+/// What the stack's flows need to know.
+#[derive(Debug, Clone)]
+pub struct FlowSettings {
+    /// Where streams go.
+    pub host: LinkAddr,
+    /// Bound on opening a flow's stream.
+    pub connect_timeout: Duration,
+    /// The gateway's DNS endpoint, if the stack answers DNS.
+    pub dns: Option<SocketAddrV4>,
+    /// A UDP flow's idle timeout.
+    pub udp_idle: Duration,
+    /// The most flows at once, DNS and UDP together.
+    pub max_flows: usize,
+}
+
+/// The stack's datagram flows.
 pub struct Flows {
     live: FlowMap<UdpFlow, Live>,
     next_id: u64,
-    host: LinkAddr,
-    connect_timeout: Duration,
+    settings: FlowSettings,
     counters: Arc<Counters>,
 }
 
 impl Flows {
-    /// No flows yet; streams go to `host`.
-    pub fn new(host: LinkAddr, connect_timeout: Duration, counters: Arc<Counters>) -> Flows {
+    /// No flows yet.
+    pub fn new(settings: FlowSettings, counters: Arc<Counters>) -> Flows {
         Flows {
             live: FlowMap::default(),
             next_id: 0,
-            host,
-            connect_timeout,
+            settings,
             counters,
         }
     }
 
-    /// Hands a query to its flow, opening the flow if need be. Never waits.
-    pub fn query(&mut self, flow: UdpFlow, payload: &[u8], events: &mpsc::Sender<Event>) {
+    /// What a flow to `remote` is: DNS, UDP egress, or not carried (`None`).
+    fn kind(&self, remote: SocketAddrV4, gateway: std::net::Ipv4Addr) -> Option<Kind> {
+        if Some(remote) == self.settings.dns {
+            return Some(Kind::DnsUdp);
+        }
+        let ip = remote.ip();
+        if *ip == gateway || ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified() {
+            return None;
+        }
+        Some(Kind::UdpEgress)
+    }
+
+    fn dropped(&self, kind: Kind) -> &std::sync::atomic::AtomicU64 {
+        if kind == Kind::DnsUdp {
+            &self.counters.dns_dropped
+        } else {
+            &self.counters.udp_dropped
+        }
+    }
+
+    /// Hands a datagram from the enclave to its flow, opening the flow if need be. Never waits.
+    pub fn datagram(
+        &mut self,
+        flow: UdpFlow,
+        payload: &[u8],
+        gateway: std::net::Ipv4Addr,
+        events: &mpsc::Sender<Event>,
+    ) {
+        let Some(kind) = self.kind(flow.remote, gateway) else {
+            debug!(
+                ?flow,
+                "datagram not carried (gateway, broadcast or multicast)"
+            );
+            Counters::bump(&self.counters.udp_dropped);
+            return;
+        };
         if let Some(live) = self.live.get(&flow) {
             match live.queue.try_send(payload.to_vec()) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    debug!(?flow, "DNS flow queue full: query dropped");
-                    Counters::bump(&self.counters.dns_dropped);
+                    debug!(?flow, "flow queue full: datagram dropped");
+                    Counters::bump(self.dropped(kind));
                     return;
                 }
                 // The flow just ended: open it again.
                 Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.count_live(false);
                     self.live.remove(&flow);
                 }
             }
         }
-        if self.live.len() >= MAX_FLOWS {
-            debug!(?flow, "{MAX_FLOWS} DNS flows open: query dropped");
-            Counters::bump(&self.counters.dns_dropped);
+        if self.live.len() >= self.settings.max_flows {
+            debug!(
+                ?flow,
+                "{} flows open: datagram dropped", self.settings.max_flows
+            );
+            Counters::bump(self.dropped(kind));
             return;
         }
         let (queue, rx) = mpsc::channel(FLOW_QUEUE);
@@ -167,26 +220,46 @@ impl Flows {
         let id = self.next_id;
         self.next_id += 1;
         self.live.insert(flow, Live { queue, id });
-        Counters::bump(&self.counters.dns_queries);
-        let span = tracing::debug_span!("dns", udp.src = %flow.local, udp.dst = %flow.remote);
+        self.count_live(true);
+        let (span, idle) = if kind == Kind::DnsUdp {
+            Counters::bump(&self.counters.dns_queries);
+            let span = tracing::debug_span!("dns", udp.src = %flow.local, udp.dst = %flow.remote);
+            (span, DNS_IDLE)
+        } else {
+            Counters::bump(&self.counters.udp_flows);
+            let span = tracing::debug_span!("udp", udp.src = %flow.local, udp.dst = %flow.remote);
+            (span, self.settings.udp_idle)
+        };
         tokio::spawn(
             run(
-                self.host.clone(),
-                flow,
-                id,
+                self.settings.clone(),
+                Stream {
+                    kind,
+                    flow,
+                    id,
+                    idle,
+                },
                 rx,
                 events.clone(),
-                self.connect_timeout,
                 self.counters.clone(),
             )
             .instrument(span),
         );
     }
 
+    fn count_live(&self, up: bool) {
+        if up {
+            self.counters.live_udp.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.live_udp.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Forgets a flow whose task has ended, unless it has been opened again since.
     pub fn ended(&mut self, flow: UdpFlow, id: u64) {
         if self.live.get(&flow).is_some_and(|live| live.id == id) {
             self.live.remove(&flow);
+            self.count_live(false);
         }
     }
 
@@ -201,35 +274,53 @@ impl Flows {
     }
 }
 
-/// One flow: opens its stream, then carries queries out and answers back until it is idle,
-/// either side ends it, or the stack is gone.
-async fn run(
-    host: LinkAddr,
+/// A flow's task: what it carries.
+struct Stream {
+    kind: Kind,
     flow: UdpFlow,
     id: u64,
-    mut queries: mpsc::Receiver<Vec<u8>>,
+    idle: Duration,
+}
+
+/// One flow: opens its stream, then carries datagrams out and replies back until it is idle,
+/// either side ends it, or the stack is gone.
+async fn run(
+    settings: FlowSettings,
+    stream: Stream,
+    mut datagrams: mpsc::Receiver<Vec<u8>>,
     events: mpsc::Sender<Event>,
-    connect_timeout: Duration,
     counters: Arc<Counters>,
 ) {
+    let Stream {
+        kind,
+        flow,
+        id,
+        idle,
+    } = stream;
     let header = Header {
-        kind: Kind::DnsUdp,
+        kind,
         src: flow.local.into(),
         dst: flow.remote.into(),
     };
-    match crate::egress::open(&host, &header, connect_timeout).await {
+    let dropped = if kind == Kind::DnsUdp {
+        &counters.dns_dropped
+    } else {
+        &counters.udp_dropped
+    };
+    match crate::egress::open(&settings.host, &header, settings.connect_timeout).await {
         Ok(link) => {
-            if let Err(why) = carry(link, flow, &mut queries, &events, &counters, FLOW_IDLE).await {
-                debug!("DNS flow ended: {why}");
+            if let Err(why) = carry(link, flow, &mut datagrams, &events, dropped, idle).await {
+                debug!("flow ended: {why}");
             }
         }
         Err(status) => {
-            debug!("no DNS stream: {status}");
-            Counters::bump(&counters.dns_dropped);
+            debug!("no stream for the flow: {status}");
+            counters.failure(status);
+            Counters::bump(dropped);
         }
     }
-    // Queries still queued are lost with the flow, as datagrams are.
-    queries.close();
+    // Datagrams still queued are lost with the flow, as datagrams are.
+    datagrams.close();
     let _ = events.send(Event::FlowEnded { flow, id }).await;
 }
 
@@ -238,7 +329,7 @@ async fn carry(
     flow: UdpFlow,
     datagrams: &mut mpsc::Receiver<Vec<u8>>,
     events: &mpsc::Sender<Event>,
-    counters: &Counters,
+    dropped: &std::sync::atomic::AtomicU64,
     idle: Duration,
 ) -> Result<(), DatagramError> {
     let mut link = DatagramLink::new(link);
@@ -248,7 +339,7 @@ async fn carry(
                 let Some(datagram) = datagram else { break };
                 if !link.queue(&datagram) {
                     debug!("datagram dropped: host-proxy is not reading");
-                    Counters::bump(&counters.dns_dropped);
+                    Counters::bump(dropped);
                 }
             }
             answer = link.recv() => match answer? {

@@ -98,6 +98,12 @@ pub struct Config {
     /// answered SERVFAIL: below the 5 s after which glibc's stub resolver gives up on a server.
     #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = common::cli::parse_secs)]
     pub dns_timeout: Duration,
+
+    /// A UDP flow from the enclave ends after this long without a datagram either way. 60 s
+    /// covers request/response protocols and keeps NAT-style state short; streams that are
+    /// quiet longer (a QUIC connection's keep-alives come every 15-30 s) open a new flow.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = common::cli::parse_secs)]
+    pub udp_idle_timeout: Duration,
 }
 
 /// A cap: a whole number of connections, at least 1.

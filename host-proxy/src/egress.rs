@@ -41,6 +41,10 @@ async fn handle(mut link: Stream, shared: Arc<Shared>, span: Span) {
             crate::dns::serve_udp(link, &shared).instrument(span).await;
             return;
         }
+        SetUp::Udp(_permit, _live, dst) => {
+            crate::udp::serve(link, dst, &shared).instrument(span).await;
+            return;
+        }
         SetUp::Done => return,
     };
     let idle = shared.config.idle_timeout;
@@ -55,6 +59,8 @@ enum SetUp<'a> {
     Tcp(EgressPermit<'a>, LiveGuard<'a>, TcpStream, Span),
     /// A stream of DNS queries, not yet answered.
     DnsUdp(EgressPermit<'a>, LiveGuard<'a>),
+    /// A UDP flow to this destination, not yet answered.
+    Udp(EgressPermit<'a>, LiveGuard<'a>, SocketAddr),
     /// The stream has been answered otherwise.
     Done,
 }
@@ -87,6 +93,7 @@ async fn set_up<'a>(link: &mut Stream, shared: &'a Shared) -> SetUp<'a> {
         Kind::TcpEgress => false,
         Kind::DnsTcp => true,
         Kind::DnsUdp => return SetUp::DnsUdp(permit, live),
+        Kind::UdpEgress => return SetUp::Udp(permit, live, header.dst),
         Kind::TcpIngress => {
             common::warn_limited!(kind = ?header.kind, "dropping stream: not an egress request");
             Counters::bump(&shared.counters.failed);

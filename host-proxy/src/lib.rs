@@ -16,6 +16,7 @@ pub mod limits;
 pub mod policy;
 pub mod publish;
 pub mod splice;
+pub mod udp;
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -223,6 +223,10 @@ fn split_ports(s: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// The Amazon Time Sync Service, which UDP may reach by default ([`Policy::check_udp`]).
+pub const TIME_SYNC: std::net::SocketAddrV4 =
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 123), 123);
+
 /// The ordered egress rule set.
 #[derive(Debug)]
 pub struct Policy {
@@ -283,13 +287,34 @@ impl Policy {
 
     /// Decides whether the enclave may connect to `dst`.
     pub fn check(&self, dst: SocketAddr) -> Action {
+        self.winner(dst).map_or(Action::Allow, |(action, _)| action)
+    }
+
+    /// Decides whether the enclave may send UDP to `dst`: as [`Policy::check`], except that the
+    /// Amazon Time Sync Service ([`TIME_SYNC`]) is open unless an operator's rule closes it
+    /// (enclave clocks drift by seconds a week; chronyd needs it). Nothing else under
+    /// 169.254.0.0/16 opens, and TCP to it stays closed.
+    pub fn check_udp(&self, dst: SocketAddr) -> Action {
+        match self.winner(dst) {
+            Some((action, Origin::Operator)) => action,
+            _ if canonical(dst.ip()) == IpAddr::V4(*TIME_SYNC.ip())
+                && dst.port() == TIME_SYNC.port() =>
+            {
+                Action::Allow
+            }
+            winner => winner.map_or(Action::Allow, |(action, _)| action),
+        }
+    }
+
+    /// The action and origin of the most specific rule matching `dst`.
+    fn winner(&self, dst: SocketAddr) -> Option<(Action, Origin)> {
         let local = self.local.read().unwrap_or_else(PoisonError::into_inner);
         self.rules
             .iter()
             .chain(local.iter())
             .filter(|r| r.matches(dst))
             .max_by_key(|r| r.specificity())
-            .map_or(Action::Allow, |r| r.action)
+            .map(|r| (r.action, r.origin))
     }
 }
 
@@ -309,6 +334,27 @@ mod tests {
 
     fn deny(s: &str) -> Rule {
         Rule::parse(s, Action::Deny).unwrap()
+    }
+
+    #[test]
+    fn udp_reaches_time_sync_by_default_and_nothing_else_there() {
+        let p = Policy::new(vec![]);
+        assert_eq!(p.check_udp(sa("169.254.169.123:123")), Action::Allow);
+        assert_eq!(
+            p.check_udp(sa("[::ffff:169.254.169.123]:123")),
+            Action::Allow
+        );
+        assert_eq!(
+            p.check(sa("169.254.169.123:123")),
+            Action::Deny,
+            "TCP stays closed"
+        );
+        assert_eq!(p.check_udp(sa("169.254.169.123:124")), Action::Deny);
+        assert_eq!(p.check_udp(sa("169.254.169.254:123")), Action::Deny);
+        assert_eq!(p.check_udp(sa("169.254.169.254:53")), Action::Deny);
+        assert_eq!(p.check_udp(sa("10.0.0.1:53")), Action::Allow);
+        let closed = Policy::new(vec![Rule::parse("169.254.0.0/16", Action::Deny).unwrap()]);
+        assert_eq!(closed.check_udp(sa("169.254.169.123:123")), Action::Deny);
     }
 
     #[test]

@@ -193,9 +193,14 @@ pub fn seeds() -> Vec<Seed> {
         "http-request",
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
     );
-    let mut udp = v4_egress.clone();
-    udp[5] = 3;
-    add("header", "kind-udp-reserved", udp);
+    let mut reserved = v4_egress.clone();
+    reserved[5] = 6;
+    add("header", "kind-reserved", reserved);
+    add(
+        "header",
+        "udp-egress",
+        header(Kind::UdpEgress, "10.240.0.2:40000", "169.254.169.123:123"),
+    );
     let mut family = v4_egress.clone();
     family[7] = 5;
     add("header", "bad-family", family);

@@ -1,0 +1,189 @@
+//! UDP egress through the pair, end to end (issue: "DNS, UDP and `docker pull` inside the
+//! enclave").
+//!
+//! Run as root. Each test builds its own namespaces; UDP echo servers run in the "internet"
+//! namespace, clients in the enclave namespace. Nothing is sent outside the namespaces.
+#![allow(clippy::unwrap_used, missing_docs, clippy::disallowed_types)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use enclave_net_tests::topology::*;
+use enclave_net_tests::{bounded, require_root};
+use tokio::net::UdpSocket;
+
+/// A UDP socket bound to `addr` inside `ns`.
+fn socket_in(ns: &enclave_net_tests::netns::Netns, addr: SocketAddr) -> UdpSocket {
+    let std = ns.run(move || std::net::UdpSocket::bind(addr)).unwrap();
+    std.set_nonblocking(true).unwrap();
+    UdpSocket::from_std(std).unwrap()
+}
+
+/// Echoes every datagram back to its sender, until the test ends.
+fn echo_server(ns: &enclave_net_tests::netns::Netns, addr: SocketAddr) {
+    let socket = socket_in(ns, addr);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+}
+
+/// A client socket in the enclave namespace, connected to `dst`.
+async fn client(topo: &Topology, dst: SocketAddr) -> UdpSocket {
+    let s = socket_in(&topo.enclave, SocketAddr::from(([0, 0, 0, 0], 0)));
+    s.connect(dst).await.unwrap();
+    s
+}
+
+/// Datagram `i` of a run: its size cycles through small, MTU-sized, multi-frame and nearly the
+/// largest, and its bytes say which datagram it is.
+fn datagram(i: u32) -> Vec<u8> {
+    const SIZES: [usize; 8] = [1, 200, 1400, 9000, 32_765, 65_000, 512, 3];
+    let size = SIZES[i as usize % SIZES.len()];
+    let tag = i.to_be_bytes();
+    (0..size).map(|k| tag[k % 4] ^ (k as u8)).collect()
+}
+
+/// Sends `count` datagrams through `socket` with at most `window` unanswered, checking that
+/// every echo comes back intact and in order.
+async fn echo_run(socket: &UdpSocket, count: u32, window: u32) {
+    let mut buf = vec![0u8; 65536];
+    let mut next_reply = 0;
+    for i in 0..count + window {
+        if i < count {
+            socket.send(&datagram(i)).await.unwrap();
+        }
+        if i + 1 >= window && next_reply < count {
+            let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("echo {next_reply} of {count} lost"))
+                .unwrap();
+            assert!(
+                buf[..n] == datagram(next_reply)[..],
+                "echo {next_reply}: {n} bytes, not the datagram sent (out of order or damaged)"
+            );
+            next_reply += 1;
+        }
+    }
+    assert_eq!(next_reply, count);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t6_udp_echo_of_every_size_arrives_intact_and_in_order() {
+    require_root();
+    let topo = Topology::start(&[], &[]);
+    bounded(120, async {
+        let dst = SocketAddr::from((INTERNET_IP, 7000));
+        echo_server(&topo.internet, dst);
+        let socket = client(&topo, dst).await;
+        echo_run(&socket, 10_000, 4).await;
+        let host = topo.host().counters();
+        assert_eq!(host.get("udp.flows"), 1, "one flow for one socket");
+        assert_eq!(host.get("udp.dropped"), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7_concurrent_flows_stay_apart() {
+    require_root();
+    let topo = Topology::start(&[], &[]);
+    bounded(60, async {
+        let dst = SocketAddr::from((INTERNET_IP, 7001));
+        echo_server(&topo.internet, dst);
+        let a = Arc::new(client(&topo, dst).await);
+        let b = Arc::new(client(&topo, dst).await);
+        // Both send at once, each its own tag; each must get back only its own.
+        let run = |socket: Arc<UdpSocket>, tag: u8| async move {
+            let mut buf = [0u8; 64];
+            for i in 0..500u16 {
+                let mut msg = vec![tag];
+                msg.extend_from_slice(&i.to_be_bytes());
+                socket.send(&msg).await.unwrap();
+                let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+                    .await
+                    .expect("reply")
+                    .unwrap();
+                assert_eq!(&buf[..n], &msg[..], "flow {tag} got another flow's reply");
+            }
+        };
+        let (ra, rb) = tokio::join!(
+            tokio::spawn(run(a.clone(), b'a')),
+            tokio::spawn(run(b.clone(), b'b'))
+        );
+        ra.unwrap();
+        rb.unwrap();
+        assert_eq!(topo.host().counters().get("udp.flows"), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t8_idle_flows_expire_and_a_new_datagram_opens_a_fresh_one() {
+    require_root();
+    let topo = Topology::start(&["--udp-idle-timeout", "1"], &["--udp-idle-timeout", "1"]);
+    bounded(60, async {
+        let dst = SocketAddr::from((INTERNET_IP, 7002));
+        echo_server(&topo.internet, dst);
+        let socket = client(&topo, dst).await;
+        echo_run(&socket, 10, 1).await;
+        let c = topo.host().counters();
+        assert_eq!((c.get("udp.flows"), c.get("live.udp")), (1, 1));
+        // Idle past the timeout: the flow's state is gone on both sides.
+        let mut gone = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (h, e) = (topo.host().counters(), topo.enclave_proxy().counters());
+            if h.get("live.udp") == 0 && e.get("live.udp") == 0 {
+                gone = true;
+                break;
+            }
+        }
+        assert!(gone, "the idle flow is still there\n{}", topo.logs());
+        // The same socket speaks again: a fresh flow carries it.
+        echo_run(&socket, 10, 1).await;
+        let c = topo.host().counters();
+        assert_eq!((c.get("udp.flows"), c.get("live.udp")), (2, 1));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t9_time_sync_is_reachable_and_the_metadata_service_is_not() {
+    require_root();
+    let topo = Topology::start(&[], &[]);
+    let time_sync = Ipv4Addr::new(169, 254, 169, 123);
+    topo.internet
+        .ip(&["addr", "add", "169.254.169.123/32", "dev", "lo"]);
+    bounded(60, async {
+        // A stand-in for the Amazon Time Sync Service answers on UDP 123.
+        echo_server(&topo.internet, SocketAddr::from((time_sync, 123)));
+        let ntp = client(&topo, SocketAddr::from((time_sync, 123))).await;
+        echo_run(&ntp, 5, 1).await;
+        // The metadata service, answering on UDP too, is not reachable, and neither are other
+        // ports of the time service's address.
+        for dst in [
+            SocketAddr::from((METADATA_IP, 123)),
+            SocketAddr::from((METADATA_IP, 53)),
+            SocketAddr::from((time_sync, 124)),
+        ] {
+            echo_server(&topo.internet, dst);
+            let s = client(&topo, dst).await;
+            s.send(b"anyone?").await.unwrap();
+            let mut buf = [0u8; 16];
+            let got = tokio::time::timeout(Duration::from_millis(700), s.recv(&mut buf)).await;
+            assert!(got.is_err(), "UDP to {dst} was answered");
+        }
+        assert_eq!(topo.host().counters().get("denied"), 3);
+        // TCP to the metadata service stays denied too.
+        let tcp = topo
+            .enclave
+            .connect(SocketAddr::from((METADATA_IP, 80)))
+            .await;
+        assert!(tcp.is_err(), "TCP to the metadata service connected");
+    })
+    .await;
+}
