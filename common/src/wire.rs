@@ -22,6 +22,7 @@
 //!               3=UDP egress (datagram frames)
 //!               4=DNS over UDP (datagram frames)
 //!               5=DNS over TCP (data frames)
+//!               6=UDP ingress (datagram frames)
 //!
 //! Status (4 bytes):
 //!
@@ -67,6 +68,9 @@ pub enum Kind {
     /// DNS queries over UDP to the enclave's resolver, as datagram frames: host-proxy answers
     /// them from the parent's resolvers.
     DnsUdp,
+    /// A UDP flow from an outside client to a published port inside the enclave, as datagram
+    /// frames.
+    UdpIngress,
     /// One DNS-over-TCP connection to the enclave's resolver, as DATA frames: host-proxy carries
     /// it to one of the parent's resolvers.
     DnsTcp,
@@ -80,6 +84,7 @@ impl Kind {
             Kind::UdpEgress => 3,
             Kind::DnsUdp => 4,
             Kind::DnsTcp => 5,
+            Kind::UdpIngress => 6,
         }
     }
 
@@ -90,13 +95,14 @@ impl Kind {
             3 => Kind::UdpEgress,
             4 => Kind::DnsUdp,
             5 => Kind::DnsTcp,
+            6 => Kind::UdpIngress,
             _ => return None,
         })
     }
 
     /// Whether the stream carries datagrams (DATAGRAM frames) rather than a byte stream.
     pub fn datagrams(self) -> bool {
-        matches!(self, Kind::UdpEgress | Kind::DnsUdp)
+        matches!(self, Kind::UdpEgress | Kind::DnsUdp | Kind::UdpIngress)
     }
 }
 
@@ -399,8 +405,8 @@ mod tests {
             Err(DecodeError::BadMagic(_))
         ));
         let (mut buf, _) = v4().encode();
-        buf[5] = 6;
-        assert_eq!(Header::decode(&buf[..len]), Err(DecodeError::BadKind(6)));
+        buf[5] = 7;
+        assert_eq!(Header::decode(&buf[..len]), Err(DecodeError::BadKind(7)));
         let (mut buf, _) = v4().encode();
         buf[7] = 5;
         assert_eq!(Header::decode(&buf[..len]), Err(DecodeError::BadFamily(5)));
@@ -455,7 +461,7 @@ mod tests {
         #[test]
         fn headers_with_valid_prefix_never_panic(
             fams in (prop_oneof![Just(4u8), Just(6u8), any::<u8>()], prop_oneof![Just(4u8), Just(6u8), any::<u8>()]),
-            kind in 0u8..7,
+            kind in 0u8..8,
             rest in proptest::collection::vec(any::<u8>(), 0..48),
         ) {
             let mut bytes = vec![b'E', b'N', b'E', b'T', VERSION, kind, fams.0, fams.1];
@@ -466,8 +472,8 @@ mod tests {
         }
 
         #[test]
-        fn encode_then_decode_round_trips(src in arb_addr(), dst in arb_addr(), kind in 0usize..5) {
-            let kind = [Kind::TcpEgress, Kind::TcpIngress, Kind::UdpEgress, Kind::DnsUdp, Kind::DnsTcp][kind];
+        fn encode_then_decode_round_trips(src in arb_addr(), dst in arb_addr(), kind in 0usize..6) {
+            let kind = [Kind::TcpEgress, Kind::TcpIngress, Kind::UdpEgress, Kind::DnsUdp, Kind::DnsTcp, Kind::UdpIngress][kind];
             let h = Header { kind, src, dst };
             let (buf, len) = h.encode();
             prop_assert_eq!(len, h.encoded_len());

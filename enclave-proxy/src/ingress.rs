@@ -85,7 +85,7 @@ async fn admit(
     };
     let span = Span::current();
     span.record("tcp.peer", tracing::field::display(header.src));
-    if header.kind != Kind::TcpIngress {
+    if !matches!(header.kind, Kind::TcpIngress | Kind::UdpIngress) {
         debug!(kind = ?header.kind, "dropping stream: not an ingress request");
         counters.failure(Status::BadRequest);
         let _ = write_status(&mut link, Status::BadRequest).await;
@@ -110,15 +110,22 @@ async fn admit(
     } else {
         debug!(client = %header.src, port, ?route, "ingress stream accepted; the client is not routed out of the TAP, so it will come from the gateway");
     }
-    let span = info_span!("tcp", tcp.peer = %header.src, enclave.port = port);
-    let _ = events
-        .send(Event::Ingress {
+    let event = if header.kind == Kind::UdpIngress {
+        Event::UdpIngress {
+            header,
+            link,
+            routed,
+        }
+    } else {
+        let span = info_span!("tcp", tcp.peer = %header.src, enclave.port = port);
+        Event::Ingress {
             header,
             link,
             span,
             routed,
-        })
-        .await;
+        }
+    };
+    let _ = events.send(event).await;
 }
 
 /// Answers an ingress stream with a failure status and closes it, off the stack task.

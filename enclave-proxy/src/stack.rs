@@ -110,6 +110,16 @@ pub enum Event {
         /// so that it can be the connection's source; if not, the gateway is.
         routed: bool,
     },
+    /// A UDP ingress stream whose header was accepted.
+    UdpIngress {
+        /// The header.
+        header: Header,
+        /// The stream; it is owed a status.
+        link: Stream,
+        /// Whether the client address is routed back out of the TAP (else the gateway is the
+        /// flow's source).
+        routed: bool,
+    },
     /// A datagram for the app from a flow's stream.
     Datagram {
         /// The flow.
@@ -546,6 +556,15 @@ impl Stack {
                 }
             }
             Event::FlowEnded { flow, id } => self.datagrams.ended(flow, id),
+            Event::UdpIngress {
+                header,
+                link,
+                routed,
+            } => {
+                let (enclave, gateway) = (self.settings.address.0, self.settings.gateway);
+                self.datagrams
+                    .ingress(header, link, routed, (enclave, gateway), &self.events_tx);
+            }
         }
     }
 

@@ -141,6 +141,8 @@ pub struct FlowSettings {
 pub struct Flows {
     live: FlowMap<UdpFlow, Live>,
     next_id: u64,
+    /// The last gateway port given to an ingress flow from an unrouted client.
+    next_port: u16,
     settings: FlowSettings,
     counters: Arc<Counters>,
 }
@@ -151,6 +153,7 @@ impl Flows {
         Flows {
             live: FlowMap::default(),
             next_id: 0,
+            next_port: 0,
             settings,
             counters,
         }
@@ -255,6 +258,77 @@ impl Flows {
         }
     }
 
+    /// Takes a UDP ingress stream: its datagrams go from the client (or, for a client not routed
+    /// out of the TAP, from the gateway) to the enclave's address at the header's port, and what
+    /// the app answers goes back on the stream.
+    pub fn ingress(
+        &mut self,
+        header: Header,
+        link: common::transport::Stream,
+        routed: bool,
+        (enclave, gateway): (std::net::Ipv4Addr, std::net::Ipv4Addr),
+        events: &mpsc::Sender<Event>,
+    ) {
+        let local = SocketAddrV4::new(enclave, header.dst.port());
+        let remote = match header.src {
+            std::net::SocketAddr::V4(client) if routed => client,
+            _ => match self.gateway_port(local, gateway) {
+                Some(port) => SocketAddrV4::new(gateway, port),
+                None => return self.refuse(link, "no free gateway port"),
+            },
+        };
+        let flow = UdpFlow { local, remote };
+        if self.live.contains_key(&flow) {
+            return self.refuse(link, "a flow from this client is already open");
+        }
+        if self.live.len() >= self.settings.max_flows {
+            return self.refuse(link, "UDP flow cap reached");
+        }
+        let (queue, rx) = mpsc::channel(FLOW_QUEUE);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.live.insert(flow, Live { queue, id });
+        self.count_live(true);
+        Counters::bump(&self.counters.udp_flows);
+        let span = tracing::debug_span!("udp", udp.client = %header.src, udp.local = %local);
+        let stream = Stream {
+            kind: Kind::UdpIngress,
+            flow,
+            id,
+            idle: self.settings.udp_idle,
+        };
+        tokio::spawn(
+            run_ingress(link, stream, rx, events.clone(), self.counters.clone()).instrument(span),
+        );
+    }
+
+    /// A gateway port no live flow to `local` uses.
+    fn gateway_port(&mut self, local: SocketAddrV4, gateway: std::net::Ipv4Addr) -> Option<u16> {
+        const PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+        let span = usize::from(PORTS.end() - PORTS.start()) + 1;
+        for _ in 0..span.min(4096) {
+            self.next_port = if self.next_port < *PORTS.start() || self.next_port >= *PORTS.end() {
+                *PORTS.start()
+            } else {
+                self.next_port + 1
+            };
+            let remote = SocketAddrV4::new(gateway, self.next_port);
+            if !self.live.contains_key(&UdpFlow { local, remote }) {
+                return Some(self.next_port);
+            }
+        }
+        None
+    }
+
+    fn refuse(&self, mut link: common::transport::Stream, why: &str) {
+        debug!("UDP ingress stream refused: {why}");
+        Counters::bump(&self.counters.capped);
+        tokio::spawn(async move {
+            let _ =
+                common::handshake::write_status(&mut link, common::wire::Status::Unreachable).await;
+        });
+    }
+
     /// Forgets a flow whose task has ended, unless it has been opened again since.
     pub fn ended(&mut self, flow: UdpFlow, id: u64) {
         if self.live.get(&flow).is_some_and(|live| live.id == id) {
@@ -320,6 +394,36 @@ async fn run(
         }
     }
     // Datagrams still queued are lost with the flow, as datagrams are.
+    datagrams.close();
+    let _ = events.send(Event::FlowEnded { flow, id }).await;
+}
+
+/// One ingress flow: answers the stream `ok`, then carries like an egress flow.
+async fn run_ingress(
+    mut link: common::transport::Stream,
+    stream: Stream,
+    mut datagrams: mpsc::Receiver<Vec<u8>>,
+    events: mpsc::Sender<Event>,
+    counters: Arc<Counters>,
+) {
+    let Stream { flow, id, idle, .. } = stream;
+    if common::handshake::write_status(&mut link, common::wire::Status::Ok)
+        .await
+        .is_ok()
+    {
+        if let Err(why) = carry(
+            link,
+            flow,
+            &mut datagrams,
+            &events,
+            &counters.udp_dropped,
+            idle,
+        )
+        .await
+        {
+            debug!("flow ended: {why}");
+        }
+    }
     datagrams.close();
     let _ = events.send(Event::FlowEnded { flow, id }).await;
 }

@@ -26,6 +26,16 @@ pub struct Config {
     #[arg(long = "publish", short = 'p', value_name = "SPEC")]
     pub publish: Vec<Publish>,
 
+    /// Publishes UDP: `[IP:]HOST_PORT[:ENCLAVE_PORT]`, the syntax of `--publish`; repeatable.
+    /// Each client address and port is one flow into the enclave.
+    #[arg(long = "publish-udp", value_name = "SPEC")]
+    pub publish_udp: Vec<Publish>,
+
+    /// The most UDP ingress flows at once; past it a new client's datagrams are dropped and
+    /// counted.
+    #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_cap)]
+    pub max_udp_flows: usize,
+
     /// Allow egress to `CIDR[:PORTS]`. Repeatable; the most specific rule wins, and at a tie an
     /// operator's rule beats a default, so `--allow 169.254.169.254/32:80` re-opens one port.
     #[arg(long = "allow", value_name = "CIDR[:PORTS]", value_parser = parse_allow)]

@@ -94,7 +94,7 @@ async fn set_up<'a>(link: &mut Stream, shared: &'a Shared) -> SetUp<'a> {
         Kind::DnsTcp => true,
         Kind::DnsUdp => return SetUp::DnsUdp(permit, live),
         Kind::UdpEgress => return SetUp::Udp(permit, live, header.dst),
-        Kind::TcpIngress => {
+        Kind::TcpIngress | Kind::UdpIngress => {
             common::warn_limited!(kind = ?header.kind, "dropping stream: not an egress request");
             Counters::bump(&shared.counters.failed);
             let _ = write_status(link, Status::BadRequest).await;

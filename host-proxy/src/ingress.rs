@@ -84,51 +84,54 @@ async fn open(
     shared: &Shared,
 ) -> Option<Stream> {
     let local = tcp.local_addr().unwrap_or(peer);
-    let enclave = &shared.config.enclave;
-    let limit = shared.config.handshake_timeout;
-    let mut link = match tokio::time::timeout(limit, enclave.connect()).await {
-        Ok(Ok(link)) => link,
-        Ok(Err(e)) => {
-            common::warn_limited!(%enclave, "enclave unreachable, resetting client: {e}");
-            Counters::bump(&shared.counters.failed);
-            reset(tcp);
-            return None;
-        }
-        Err(_) => {
-            common::warn_limited!(%enclave, "enclave did not accept within {limit:?}, resetting client");
-            Counters::bump(&shared.counters.failed);
-            reset(tcp);
-            return None;
-        }
-    };
     let header = Header {
         kind: Kind::TcpIngress,
         src: peer,
         dst: SocketAddr::new(local.ip(), enclave_port),
     };
-    if let Err(e) = write_header(&mut link, &header).await {
-        common::warn_limited!(%enclave, "enclave link failed, resetting client: {e}");
-        Counters::bump(&shared.counters.failed);
+    let Some(link) = open_stream(&header, shared).await else {
         reset(tcp);
         return None;
-    }
-    // The enclave's own connect is bounded by the same timeout as ours; allow for both.
-    let status_limit = shared.config.connect_timeout + limit;
-    match read_status(&mut link, status_limit).await {
-        Ok(Status::Ok) => {}
-        Ok(status) => {
-            debug!("enclave answered {status}, resetting client");
-            shared.counters.failure(status);
-            reset(tcp);
-            return None;
-        }
-        Err(e) => {
-            common::warn_limited!(%enclave, "no valid status from the enclave, resetting client: {e}");
-            Counters::bump(&shared.counters.failed);
-            reset(tcp);
-            return None;
-        }
-    }
+    };
     Counters::bump(&shared.counters.opened);
     Some(link)
+}
+
+/// Opens a stream to enclave-proxy for `header` and waits for its `ok`; `None` (counted and
+/// logged) if the enclave is unreachable or answers otherwise.
+pub async fn open_stream(header: &Header, shared: &Shared) -> Option<Stream> {
+    let enclave = &shared.config.enclave;
+    let limit = shared.config.handshake_timeout;
+    let mut link = match tokio::time::timeout(limit, enclave.connect()).await {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) => {
+            common::warn_limited!(%enclave, "enclave unreachable, dropping the client: {e}");
+            Counters::bump(&shared.counters.failed);
+            return None;
+        }
+        Err(_) => {
+            common::warn_limited!(%enclave, "enclave did not accept within {limit:?}, dropping the client");
+            Counters::bump(&shared.counters.failed);
+            return None;
+        }
+    };
+    if let Err(e) = write_header(&mut link, header).await {
+        common::warn_limited!(%enclave, "enclave link failed, dropping the client: {e}");
+        Counters::bump(&shared.counters.failed);
+        return None;
+    }
+    let status_limit = shared.config.connect_timeout + limit;
+    match read_status(&mut link, status_limit).await {
+        Ok(Status::Ok) => Some(link),
+        Ok(status) => {
+            debug!("enclave answered {status}, dropping the client");
+            shared.counters.failure(status);
+            None
+        }
+        Err(e) => {
+            common::warn_limited!(%enclave, "no valid status from the enclave, dropping the client: {e}");
+            Counters::bump(&shared.counters.failed);
+            None
+        }
+    }
 }

@@ -119,6 +119,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             tasks.spawn(ingress::serve(listener, enclave_port, shared.clone()));
         }
     }
+    for spec in &shared.config.publish_udp {
+        for (addr, enclave_port) in spec.pairs() {
+            let socket = tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(|source| StartError::Publish { addr, source })?;
+            published.push(format!("udp:{addr}->{enclave_port}"));
+            tasks.spawn(udp::serve_published(socket, enclave_port, shared.clone()));
+        }
+    }
     let egress_listener =
         shared
             .config

@@ -1,4 +1,10 @@
-//! UDP egress: each stream of kind `UdpEgress` is one flow from an enclave socket to one
+//! UDP both ways.
+//!
+//! Ingress ([`serve_published`]): each client address and port sending to a `--publish-udp`
+//! port is one flow, one stream of kind `UdpIngress` into the enclave; what the enclave answers
+//! goes back to that client from the published port. At most `--max-udp-flows` at once.
+//!
+//! Egress ([`serve`]): each stream of kind `UdpEgress` is one flow from an enclave socket to one
 //! destination. host-proxy applies the egress policy (UDP may also reach the Amazon Time Sync
 //! Service, [`crate::policy::TIME_SYNC`]), sends the flow's datagrams from one connected UDP
 //! socket of its own, and sends what comes back from that destination into the flow.
@@ -7,8 +13,10 @@
 //! flow's window has no room for, is dropped and counted (`udp.dropped`, debug log). A flow ends
 //! after `--udp-idle-timeout` without a datagram either way, or when the enclave ends it.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::datagram::DatagramLink;
@@ -16,8 +24,9 @@ use common::frame::MAX_DATAGRAM;
 use common::handshake::write_status;
 use common::metrics::Counters;
 use common::transport::Stream;
-use common::wire::Status;
+use common::wire::{Header, Kind, Status};
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::policy::Action;
@@ -103,4 +112,147 @@ async fn open(dst: SocketAddr, shared: &Shared) -> Result<UdpSocket, Status> {
         crate::egress::status_of(&e)
     })?;
     Ok(socket)
+}
+
+/// Datagrams a client's flow queues while its stream is being opened or written.
+const FLOW_QUEUE: usize = 64;
+
+/// Serves one published UDP port until cancelled: one flow into the enclave per client.
+pub async fn serve_published(socket: UdpSocket, enclave_port: u16, shared: Arc<Shared>) {
+    let socket = Arc::new(socket);
+    let local = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    let dst = SocketAddr::new(local.ip(), enclave_port);
+    let mut flows: HashMap<SocketAddr, (mpsc::Sender<Vec<u8>>, u64)> = HashMap::new();
+    let (ended_tx, mut ended) = mpsc::channel::<(SocketAddr, u64)>(64);
+    let mut next_id = 0u64;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, client) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!("published UDP port: {e}");
+                    continue;
+                }
+            },
+            Some((client, id)) = ended.recv() => {
+                if flows.get(&client).is_some_and(|(_, live)| *live == id) {
+                    flows.remove(&client);
+                }
+                continue;
+            }
+        };
+        if let Some((queue, _)) = flows.get(&client) {
+            match queue.try_send(buf[..n].to_vec()) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    debug!(%client, "flow queue full: datagram dropped");
+                    Counters::bump(&shared.counters.udp_dropped);
+                    continue;
+                }
+                // The flow just ended: open it again.
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    flows.remove(&client);
+                }
+            }
+        }
+        if flows.len() >= shared.config.max_udp_flows {
+            debug!(%client, "UDP flow cap reached: datagram dropped");
+            Counters::bump(&shared.counters.capped);
+            continue;
+        }
+        let (queue, rx) = mpsc::channel(FLOW_QUEUE);
+        let _ = queue.try_send(buf[..n].to_vec());
+        flows.insert(client, (queue, next_id));
+        let flow = IngressFlow {
+            client,
+            dst,
+            socket: socket.clone(),
+            id: next_id,
+            ended: ended_tx.clone(),
+        };
+        next_id += 1;
+        let span = tracing::info_span!("udp", udp.client = %client, enclave.port = enclave_port);
+        tokio::spawn(tracing::Instrument::instrument(
+            flow.run(rx, shared.clone()),
+            span,
+        ));
+    }
+}
+
+/// One client's flow into the enclave.
+struct IngressFlow {
+    client: SocketAddr,
+    dst: SocketAddr,
+    socket: Arc<UdpSocket>,
+    id: u64,
+    ended: mpsc::Sender<(SocketAddr, u64)>,
+}
+
+impl IngressFlow {
+    async fn run(self, mut datagrams: mpsc::Receiver<Vec<u8>>, shared: Arc<Shared>) {
+        let header = Header {
+            kind: Kind::UdpIngress,
+            src: self.client,
+            dst: self.dst,
+        };
+        if let Some(link) = crate::ingress::open_stream(&header, &shared).await {
+            Counters::bump(&shared.counters.udp_flows);
+            let _live = shared.counters.live(&shared.counters.live_udp);
+            self.carry(DatagramLink::new(link), &mut datagrams, &shared)
+                .await;
+        }
+        datagrams.close();
+        let _ = self.ended.send((self.client, self.id)).await;
+    }
+
+    async fn carry(
+        &self,
+        mut link: DatagramLink,
+        datagrams: &mut mpsc::Receiver<Vec<u8>>,
+        shared: &Shared,
+    ) {
+        let counters = &shared.counters;
+        let idle = shared.config.udp_idle_timeout;
+        loop {
+            tokio::select! {
+                datagram = datagrams.recv() => {
+                    let Some(d) = datagram else { break };
+                    if link.queue(&d) {
+                        counters.bytes_to_enclave.fetch_add(d.len() as u64, Relaxed);
+                    } else {
+                        debug!(len = d.len(), "datagram dropped: the enclave is not reading");
+                        Counters::bump(&counters.udp_dropped);
+                    }
+                }
+                reply = link.recv() => match reply {
+                    Ok(Some(r)) => match self.socket.send_to(&r, self.client).await {
+                        Ok(_) => {
+                            counters.bytes_from_enclave.fetch_add(r.len() as u64, Relaxed);
+                        }
+                        Err(e) => {
+                            debug!("reply not sent: {e}");
+                            Counters::bump(&counters.udp_dropped);
+                        }
+                    },
+                    Ok(None) => return,
+                    Err(e) => {
+                        debug!("UDP flow ended: {e}");
+                        return;
+                    }
+                },
+                () = tokio::time::sleep(idle) => {
+                    debug!("UDP flow idle for {idle:?}");
+                    Counters::bump(&counters.idle_closed);
+                    break;
+                }
+            }
+            if link.flush().await.is_err() {
+                return;
+            }
+        }
+        link.finish(Duration::from_secs(1)).await;
+    }
 }

@@ -20,20 +20,30 @@ fn socket_in(ns: &enclave_net_tests::netns::Netns, addr: SocketAddr) -> UdpSocke
     UdpSocket::from_std(std).unwrap()
 }
 
-/// Echoes every datagram back to its sender, until the test ends.
+/// Echoes every datagram back to its sender, until the test ends; `whoami` is answered with the
+/// sender's address instead.
 fn echo_server(ns: &enclave_net_tests::netns::Netns, addr: SocketAddr) {
     let socket = socket_in(ns, addr);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let _ = socket.send_to(&buf[..n], from).await;
+            if &buf[..n] == b"whoami" {
+                let _ = socket.send_to(from.ip().to_string().as_bytes(), from).await;
+            } else {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
         }
     });
 }
 
 /// A client socket in the enclave namespace, connected to `dst`.
 async fn client(topo: &Topology, dst: SocketAddr) -> UdpSocket {
-    let s = socket_in(&topo.enclave, SocketAddr::from(([0, 0, 0, 0], 0)));
+    client_in(&topo.enclave, dst).await
+}
+
+/// A client socket in `ns`, connected to `dst`.
+async fn client_in(ns: &enclave_net_tests::netns::Netns, dst: SocketAddr) -> UdpSocket {
+    let s = socket_in(ns, SocketAddr::from(([0, 0, 0, 0], 0)));
     s.connect(dst).await.unwrap();
     s
 }
@@ -72,7 +82,7 @@ async fn echo_run(socket: &UdpSocket, count: u32, window: u32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn t6_udp_echo_of_every_size_arrives_intact_and_in_order() {
+async fn t6_udp_egress_echo_of_every_size_arrives_intact_and_in_order() {
     require_root();
     let topo = Topology::start(&[], &[]);
     bounded(120, async {
@@ -83,6 +93,36 @@ async fn t6_udp_echo_of_every_size_arrives_intact_and_in_order() {
         let host = topo.host().counters();
         assert_eq!(host.get("udp.flows"), 1, "one flow for one socket");
         assert_eq!(host.get("udp.dropped"), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t6_udp_ingress_echo_keeps_the_client_ip_and_every_datagram() {
+    require_root();
+    let topo = Topology::start(&["--publish-udp", "17100:7100"], &[]);
+    bounded(120, async {
+        echo_server(&topo.enclave, SocketAddr::from(([0, 0, 0, 0], 7100)));
+        let published = SocketAddr::from((PARENT_IP, 17100));
+        let socket = client_in(&topo.client, published).await;
+        // The server in the enclave sees the real client's address.
+        socket.send(b"whoami").await.unwrap();
+        let mut buf = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no answer through --publish-udp\n{}", topo.logs()))
+            .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            CLIENT_IP.to_string()
+        );
+        echo_run(&socket, 10_000, 4).await;
+        // A second client is a flow of its own and gets only its own replies.
+        let other = client_in(&topo.client, published).await;
+        let (a, b) = tokio::join!(echo_run(&socket, 500, 1), echo_run(&other, 500, 1));
+        let ((), ()) = (a, b);
+        let c = topo.host().counters();
+        assert_eq!((c.get("udp.flows"), c.get("udp.dropped")), (2, 0));
     })
     .await;
 }

@@ -194,7 +194,7 @@ pub fn seeds() -> Vec<Seed> {
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
     );
     let mut reserved = v4_egress.clone();
-    reserved[5] = 6;
+    reserved[5] = 7;
     add("header", "kind-reserved", reserved);
     add(
         "header",
