@@ -103,6 +103,13 @@ pub fn reply_frame(
     eth.emit(&mut frame);
     let mut packet = Ipv4Packet::new_unchecked(frame.payload_mut());
     ip.emit(&mut packet, &caps);
+    // smoltcp sets DF. A datagram to a container crosses Docker's bridge, whose MTU (1,500) is
+    // smaller than the TAP's: the enclave kernel must be free to fragment it, and fragments of
+    // different datagrams must not share an identification.
+    static IDENT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    packet.set_dont_frag(false);
+    packet.set_ident(IDENT.fetch_add(1, Ordering::Relaxed));
+    packet.fill_checksum();
     let mut datagram = UdpPacket::new_unchecked(packet.payload_mut());
     udp.emit(
         &mut datagram,
@@ -491,6 +498,10 @@ mod tests {
             assert_eq!(body, &payload[..]);
             let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
             assert!(ip.verify_checksum());
+            assert!(
+                !ip.dont_frag(),
+                "the kernel may fragment it for a smaller MTU"
+            );
             let udp = UdpPacket::new_checked(ip.payload()).unwrap();
             assert!(udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
         }

@@ -217,6 +217,27 @@ impl Docker {
     }
 }
 
+/// The `udp-echo` test binary (UDP echo on the port given as its argument).
+pub const UDP_ECHO_IMAGE: &str = "enclave-net/udp-echo";
+
+impl Docker {
+    /// Builds and `docker import`s [`UDP_ECHO_IMAGE`]: the workspace's `udp-echo` binary and the
+    /// libraries `ldd` lists for it.
+    pub fn import_udp_echo_image(&self) {
+        let root = self.dir.join("rootfs-udp-echo");
+        let binary = crate::process::bin("udp-echo");
+        let binary = binary.to_str().expect("utf-8 path");
+        add_binary(&root, binary);
+        let script = format!(
+            "tar -C {root} -c . | /usr/bin/docker -H unix://{sock} import \
+             -c 'ENTRYPOINT [\"{binary}\"]' - {UDP_ECHO_IMAGE}",
+            root = root.display(),
+            sock = self.socket().display(),
+        );
+        crate::netns::sh(&["bash", "-c", &script]);
+    }
+}
+
 /// Copies `binary` into `root` at the same path, with every library `ldd` lists for it.
 pub fn add_binary(root: &Path, binary: &str) {
     let dst = root.join(binary.trim_start_matches('/'));

@@ -127,6 +127,65 @@ async fn t6_udp_ingress_echo_keeps_the_client_ip_and_every_datagram() {
     .await;
 }
 
+/// A container behind Docker's UDP `-p`: its bridge has MTU 1,500, so every large datagram is
+/// cut into IPv4 fragments and joined again by the kernels on the way, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t6_udp_to_a_container_behind_p_fragments_and_all() {
+    require_root();
+    let lab = enclave_net_tests::lab::Lab::start(&["--publish-udp", "17300:7300"], &[]);
+    lab.docker.import_udp_echo_image();
+    let topo = &lab.topo;
+    lab.docker.cli(&[
+        "run",
+        "-d",
+        "-p",
+        "7300:7200/udp",
+        enclave_net_tests::docker::UDP_ECHO_IMAGE,
+        "7200",
+    ]);
+    bounded(120, async {
+        let published = SocketAddr::from((PARENT_IP, 17300));
+        let socket = client_in(&topo.client, published).await;
+        // The container may still be starting: ask until it answers.
+        let mut buf = vec![0u8; 65536];
+        let mut answered = None;
+        for _ in 0..50 {
+            socket.send(b"whoami").await.unwrap();
+            if let Ok(r) =
+                tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await
+            {
+                answered = Some(r.unwrap());
+                break;
+            }
+        }
+        let n = answered.unwrap_or_else(|| panic!("the container never answered\n{}", topo.logs()));
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            CLIENT_IP.to_string()
+        );
+        echo_run(&socket, 2_000, 2).await;
+        // And out of the enclave: a container's datagrams to the internet, fragments and all.
+        echo_server(&topo.internet, SocketAddr::from((INTERNET_IP, 7301)));
+        for size in ["1", "1473", "65000"] {
+            let out = lab.docker.try_cli(&[
+                "run",
+                "--rm",
+                enclave_net_tests::docker::UDP_ECHO_IMAGE,
+                "10.98.0.2:7301",
+                size,
+            ]);
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && said.trim() == format!("echoed {size}"),
+                "a container's {size}-byte datagram out and back: {said}{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                topo.logs()
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t7_concurrent_flows_stay_apart() {
     require_root();
