@@ -112,6 +112,7 @@ fn drive(input: &[u8], splits: &[usize]) -> Outcome {
                             assert_eq!(d.end(), End::Rst);
                             assert!(!d.mid_frame());
                         }
+                        Some(Chunk::Datagram { .. }) => panic!("a byte stream gave a datagram"),
                         None => {
                             // A partial header, or a DATA header with no payload in this piece.
                             assert_eq!(used, piece.len());
