@@ -479,7 +479,16 @@ impl Conn {
                 return Ok(None);
             }
             let both_fins = self.incoming.end() == End::Fin && self.fin_sent;
-            let mut rb = ReadBuf::new(&mut scratch[..]);
+            // While the socket has room and nothing waits, read no more than it takes (plus the
+            // next header), so payload goes straight to the socket, copied once. Once it is
+            // full, read everything: CREDITs behind the data must not wait for the app.
+            let room = socket.send_capacity() - socket.send_queue();
+            let limit = if self.backlog.is_empty() && room > 0 && !self.link_fin {
+                (room + self.incoming.header_left()).min(scratch.len())
+            } else {
+                scratch.len()
+            };
+            let mut rb = ReadBuf::new(&mut scratch[..limit]);
             match Pin::new(&mut self.link).poll_read(cx, &mut rb) {
                 Poll::Pending => return Ok(None),
                 // Once both FINs have crossed, host-proxy may close the link without reading
@@ -803,7 +812,7 @@ mod tests {
         // The host does not read, so the link fills and the app's bytes wait in our socket.
         let chunk = vec![0x42u8; 16 * 1024];
         let mut sent = 0;
-        // The window closes after 1 MiB, so this takes a few dozen turns.
+        // The window closes after 4 MiB, so this takes a few hundred turns.
         for _ in 0..4000 {
             if rig.app().send_queue() == 0 {
                 sent += rig.app().send_slice(&chunk).unwrap();
@@ -901,7 +910,9 @@ mod tests {
     #[tokio::test]
     async fn the_link_is_read_while_the_app_is_not_and_credit_follows_delivery() {
         let mut rig = Rig::open().await;
-        let payload: Vec<u8> = (0..frame::WINDOW - 32 * 4).map(|i| i as u8).collect();
+        let payload: Vec<u8> = (0..frame::WINDOW / common::transport::MAX_WRITE * frame::MAX_DATA)
+            .map(|i| i as u8)
+            .collect();
         let frames = encode_all(&payload, None);
         assert_eq!(frames.len(), frame::WINDOW, "exactly a full window");
         rig.host_push(&frames).await;

@@ -21,7 +21,7 @@
 //! - `idle` passes with no byte moving either way: both sides are reset.
 //!
 //! Nothing is buffered without bound: 64 KiB each way (pages touched only when data flows), and
-//! a backlog of at most the window (1 MiB), held only while the TCP peer is slower than the
+//! a backlog of at most the window (4 MiB), held only while the TCP peer is slower than the
 //! enclave; every link write is capped at 32 KiB by [`common::transport::Stream`].
 
 use std::future::{poll_fn, Future};
@@ -686,7 +686,9 @@ mod tests {
     #[tokio::test]
     async fn the_link_is_read_while_the_client_is_not_and_credit_follows_delivery() {
         let (mut client, mut enclave, task) = rig_with(None, Some(4096)).await;
-        let payload: Vec<u8> = (0..frame::WINDOW - 32 * 4).map(|i| i as u8).collect();
+        let payload: Vec<u8> = (0..frame::WINDOW / common::transport::MAX_WRITE * frame::MAX_DATA)
+            .map(|i| i as u8)
+            .collect();
         let frames = frame::encode_all(&payload, None);
         assert_eq!(frames.len(), frame::WINDOW, "exactly a full window");
         enclave.write_all(&frames).await.unwrap();
