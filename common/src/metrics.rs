@@ -42,6 +42,11 @@ pub struct Counters {
     pub live_udp: AtomicU64,
     /// UDP datagrams dropped: a flow cap, a full queue or window, a socket that refused it.
     pub udp_dropped: AtomicU64,
+    /// Datagrams from the enclave that came in IPv4 fragments and were joined (enclave-proxy).
+    pub udp_reassembled: AtomicU64,
+    /// Datagrams into the enclave larger than the TAP's MTU, sent as IPv4 fragments
+    /// (enclave-proxy).
+    pub udp_fragmented: AtomicU64,
 }
 
 impl Counters {
@@ -86,6 +91,8 @@ impl Counters {
             udp.flows = self.udp_flows.load(Relaxed),
             live.udp = self.live_udp.load(Relaxed),
             udp.dropped = self.udp_dropped.load(Relaxed),
+            udp.reassembled = self.udp_reassembled.load(Relaxed),
+            udp.fragmented = self.udp_fragmented.load(Relaxed),
             "{who} counters"
         );
     }

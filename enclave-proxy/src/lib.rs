@@ -18,6 +18,7 @@
 pub mod config;
 pub mod conn;
 pub mod egress;
+pub mod fragments;
 pub mod ingress;
 pub mod netlink;
 pub mod packet;

@@ -45,12 +45,13 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::conn::{Conn, ConnState, Outcome};
+use crate::fragments::{self, Reassembly};
 use crate::packet::{
     arp_reply, classify, icmp_unreachable, tcp_segment, FlowKey, Frame, Gso, Unreachable,
 };
 use crate::shard::{ConnId, Shards};
 use crate::tap::{Tap, ETH_HEADER, RX_BUDGET};
-use crate::udp::{FlowSettings, Flows, UdpFlow, DNS_PORT};
+use crate::udp::{Captured, FlowSettings, Flows, UdpFlow, DNS_PORT};
 
 /// The stack's MAC on the TAP: locally administered, fixed, so ARP caches survive restarts.
 pub const STACK_MAC: EthernetAddress = EthernetAddress([0x02, 0x65, 0x6e, 0x65, 0x74, 0x01]);
@@ -297,8 +298,10 @@ pub struct Stack {
     egress_live: usize,
     /// Lent to each connection while it is pumped (see [`crate::conn`]).
     scratch: Box<[u8]>,
-    /// DNS flows (see [`crate::udp`]).
+    /// DNS and UDP flows (see [`crate::udp`]).
     datagrams: Flows,
+    /// UDP datagrams from the enclave that arrive in fragments.
+    fragments: Reassembly,
 }
 
 impl Stack {
@@ -347,6 +350,7 @@ impl Stack {
             egress_live: 0,
             scratch: vec![0u8; crate::conn::SCRATCH_LEN].into_boxed_slice(),
             datagrams,
+            fragments: Reassembly::default(),
         };
         (stack, events_tx)
     }
@@ -372,6 +376,7 @@ impl Stack {
     /// smaller segment already started smoltcp's delayed-ACK timer, that timer still runs: smoltcp
     /// has no call to cut it short.)
     fn receive(&mut self, now: Instant) {
+        let wall = now;
         let now = self.smol(now);
         let flows = &self.flows;
         self.tap
@@ -420,13 +425,38 @@ impl Stack {
                     _ => None,
                 },
                 Frame::Ip => {
-                    if let Some((flow, payload)) = crate::udp::parse(frame) {
-                        let gateway = self.settings.gateway;
-                        self.datagrams
-                            .datagram(flow, payload, gateway, &self.events_tx);
-                        continue;
+                    let gateway = self.settings.gateway;
+                    match crate::udp::capture(frame) {
+                        Captured::Other => None,
+                        Captured::Datagram(flow, payload) => {
+                            self.datagrams
+                                .datagram(flow, payload, gateway, &self.events_tx);
+                            continue;
+                        }
+                        Captured::Fragment(ip) => {
+                            match self.fragments.push(&ip, wall) {
+                                fragments::Outcome::Whole(w) => {
+                                    Counters::bump(&self.counters.udp_reassembled);
+                                    if let Some((flow, payload)) =
+                                        crate::udp::datagram(w.src, w.dst, &w.payload)
+                                    {
+                                        self.datagrams.datagram(
+                                            flow,
+                                            payload,
+                                            gateway,
+                                            &self.events_tx,
+                                        );
+                                    }
+                                }
+                                fragments::Outcome::Kept => continue,
+                                fragments::Outcome::Dropped(why) => {
+                                    debug!(why, "IPv4 fragments dropped");
+                                    Counters::bump(&self.counters.udp_dropped);
+                                }
+                            }
+                            continue;
+                        }
                     }
-                    None
                 }
                 Frame::Arp => {
                     if let Some(reply) = arp_reply(frame, STACK_MAC, self.settings.gateway) {
@@ -537,22 +567,24 @@ impl Stack {
                 routed,
             } => self.start_ingress(header, link, span, routed, now),
             Event::Datagram { flow, payload } => {
-                match crate::udp::reply_frame(
+                let tap = &mut self.tap;
+                let sent = crate::udp::reply_frames(
                     &flow,
                     &payload,
                     self.settings.mtu,
                     STACK_MAC,
                     KERNEL_MAC,
-                ) {
-                    Some(frame) => self.tap.send_raw(&frame),
-                    None => {
-                        debug!(
-                            ?flow,
-                            len = payload.len(),
-                            "answer larger than the MTU dropped"
-                        );
-                        Counters::bump(&self.counters.dns_dropped);
-                    }
+                    |frame| tap.send_raw(frame),
+                );
+                if !sent {
+                    debug!(
+                        ?flow,
+                        len = payload.len(),
+                        "datagram larger than IPv4 allows dropped"
+                    );
+                    Counters::bump(self.datagrams.dropped_counter(&flow));
+                } else if payload.len() + 28 > self.settings.mtu {
+                    Counters::bump(&self.counters.udp_fragmented);
                 }
             }
             Event::FlowEnded { flow, id } => self.datagrams.ended(flow, id),

@@ -13,7 +13,7 @@
 //! UDP. So a flood on one flow never blocks the others, or the stack. Broadcast and multicast
 //! are not carried, nor UDP to the gateway's other ports.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +30,7 @@ use smoltcp::wire::{
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
+use crate::fragments::IPV4_HEADER;
 use crate::stack::{Event, FlowMap};
 
 /// A DNS flow ends after this long without a datagram either way. A stub resolver uses a socket
@@ -49,35 +50,69 @@ pub struct UdpFlow {
     pub remote: SocketAddrV4,
 }
 
-/// The flow and payload of a UDP datagram in an Ethernet frame from the TAP; `None` for
-/// anything else, a fragment, or a malformed packet. Checksums are not checked: the frame comes
-/// from the enclave's own kernel, which leaves them partial with checksum offload.
-pub fn parse(frame: &[u8]) -> Option<(UdpFlow, &[u8])> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Udp || ip.more_frags() || ip.frag_offset() != 0 {
-        return None;
-    }
-    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
-    let flow = UdpFlow {
-        local: SocketAddrV4::new(ip.src_addr(), udp.src_port()),
-        remote: SocketAddrV4::new(ip.dst_addr(), udp.dst_port()),
-    };
-    Some((flow, &ip.payload()[8..usize::from(udp.len())]))
+/// What an Ethernet frame from the TAP is to the datagram paths.
+#[derive(Debug)]
+pub enum Captured<'a> {
+    /// A whole UDP datagram: its flow and payload.
+    Datagram(UdpFlow, &'a [u8]),
+    /// A fragment of a UDP datagram, for [`crate::fragments::Reassembly`].
+    Fragment(Ipv4Packet<&'a [u8]>),
+    /// Not UDP over IPv4, or malformed.
+    Other,
 }
 
-/// The Ethernet frame carrying `payload` back from `flow.remote` to `flow.local`, checksums
-/// filled in. `None` if it does not fit one frame of `mtu` (IPv4 fragmentation is not done yet).
-pub fn reply_frame(
+/// Sorts out the UDP in a frame from the TAP. Checksums are not checked: the frame comes from
+/// the enclave's own kernel, which leaves them partial with checksum offload.
+pub fn capture(frame: &[u8]) -> Captured<'_> {
+    let eth_len = EthernetFrame::<&[u8]>::header_len();
+    let Some(ip) = EthernetFrame::new_checked(frame)
+        .ok()
+        .filter(|eth| eth.ethertype() == EthernetProtocol::Ipv4)
+        .and_then(|_| Ipv4Packet::new_checked(&frame[eth_len..]).ok())
+    else {
+        return Captured::Other;
+    };
+    if ip.next_header() != IpProtocol::Udp {
+        return Captured::Other;
+    }
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Captured::Fragment(ip);
+    }
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let payload =
+        &frame[eth_len + usize::from(ip.header_len())..eth_len + usize::from(ip.total_len())];
+    datagram(src, dst, payload).map_or(Captured::Other, |(flow, data)| {
+        Captured::Datagram(flow, data)
+    })
+}
+
+/// The flow and payload of the UDP datagram `udp` (header and payload) from `src` to `dst`.
+pub fn datagram(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> Option<(UdpFlow, &[u8])> {
+    let packet = UdpPacket::new_checked(udp).ok()?;
+    let flow = UdpFlow {
+        local: SocketAddrV4::new(src, packet.src_port()),
+        remote: SocketAddrV4::new(dst, packet.dst_port()),
+    };
+    Some((flow, &udp[8..usize::from(packet.len())]))
+}
+
+/// The largest UDP payload in one IPv4 datagram.
+pub const MAX_UDP_PAYLOAD: usize = 65_535 - IPV4_HEADER - 8;
+
+/// Hands `emit` the Ethernet frames carrying `payload` back from `flow.remote` to `flow.local`,
+/// checksums filled in: one frame, or IPv4 fragments of at most `mtu` bytes each. `false` if
+/// the payload is larger than an IPv4 datagram can carry.
+pub fn reply_frames(
     flow: &UdpFlow,
     payload: &[u8],
     mtu: usize,
     src_mac: EthernetAddress,
     dst_mac: EthernetAddress,
-) -> Option<Vec<u8>> {
+    mut emit: impl FnMut(&[u8]),
+) -> bool {
+    if payload.len() > MAX_UDP_PAYLOAD {
+        return false;
+    }
     let udp = UdpRepr {
         src_port: flow.remote.port(),
         dst_port: flow.local.port(),
@@ -89,9 +124,6 @@ pub fn reply_frame(
         payload_len: udp.header_len() + payload.len(),
         hop_limit: 64,
     };
-    if ip.buffer_len() + ip.payload_len > mtu {
-        return None;
-    }
     let eth = EthernetRepr {
         src_addr: src_mac,
         dst_addr: dst_mac,
@@ -119,7 +151,13 @@ pub fn reply_frame(
         |out| out.copy_from_slice(payload),
         &caps,
     );
-    Some(buf)
+    let (link, packet) = buf.split_at(eth.buffer_len());
+    if packet.len() <= mtu {
+        emit(&buf);
+    } else {
+        crate::fragments::fragment(link, packet, mtu, emit);
+    }
+    true
 }
 
 /// A live flow: its queue, and which flow task it is (a flow that ended and was opened again is
@@ -183,6 +221,15 @@ impl Flows {
             &self.counters.dns_dropped
         } else {
             &self.counters.udp_dropped
+        }
+    }
+
+    /// The counter for datagrams of `flow` dropped: DNS or UDP.
+    pub fn dropped_counter(&self, flow: &UdpFlow) -> &std::sync::atomic::AtomicU64 {
+        if Some(flow.remote) == self.settings.dns {
+            self.dropped(Kind::DnsUdp)
+        } else {
+            self.dropped(Kind::UdpEgress)
         }
     }
 
@@ -483,6 +530,19 @@ mod tests {
         }
     }
 
+    /// The frames [`reply_frames`] emits.
+    fn frames(flow: &UdpFlow, payload: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        reply_frames(flow, payload, mtu, APP, GW, |f| out.push(f.to_vec())).then_some(out)
+    }
+
+    fn whole(frame: &[u8]) -> Option<(UdpFlow, &[u8])> {
+        match capture(frame) {
+            Captured::Datagram(flow, payload) => Some((flow, payload)),
+            _ => None,
+        }
+    }
+
     #[test]
     fn a_reply_frame_parses_back_with_valid_checksums() {
         let f = flow();
@@ -492,11 +552,12 @@ mod tests {
         };
         for len in [0, 1, 512, 4000] {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let frame = reply_frame(&reversed, &payload, 65520, APP, GW).unwrap();
-            let (got, body) = parse(&frame).unwrap();
+            let frames = frames(&reversed, &payload, 65520).unwrap();
+            assert_eq!(frames.len(), 1);
+            let (got, body) = whole(&frames[0]).unwrap();
             assert_eq!(got, f, "the app's query as the kernel would send it");
             assert_eq!(body, &payload[..]);
-            let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+            let ip = Ipv4Packet::new_checked(&frames[0][14..]).unwrap();
             assert!(ip.verify_checksum());
             assert!(
                 !ip.dont_frag(),
@@ -505,27 +566,50 @@ mod tests {
             let udp = UdpPacket::new_checked(ip.payload()).unwrap();
             assert!(udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
         }
-        assert!(
-            reply_frame(&f, &[0; 1500], 1500, GW, APP).is_none(),
-            "over the MTU"
-        );
+        assert!(frames(&f, &[0; MAX_UDP_PAYLOAD + 1], 65520).is_none());
     }
 
     #[test]
-    fn fragments_and_other_protocols_are_not_taken() {
-        let mut frame = reply_frame(&flow(), b"query", 1500, APP, GW).unwrap();
-        assert!(parse(&frame).is_some());
+    fn a_reply_over_the_mtu_leaves_in_fragments_that_join_again() {
+        let payload: Vec<u8> = (0..MAX_UDP_PAYLOAD).map(|i| (i % 251) as u8).collect();
+        let frames = frames(&flow(), &payload, 1500).unwrap();
+        assert_eq!(frames.len(), (MAX_UDP_PAYLOAD + 8).div_ceil(1480));
+        let mut reassembly = crate::fragments::Reassembly::default();
+        let now = tokio::time::Instant::now();
+        let mut joined = None;
+        for f in &frames {
+            assert!(f.len() <= 14 + 1500);
+            let Captured::Fragment(ip) = capture(f) else {
+                panic!("not a fragment");
+            };
+            assert!(ip.verify_checksum());
+            if let crate::fragments::Outcome::Whole(w) = reassembly.push(&ip, now) {
+                joined = Some(w);
+            }
+        }
+        let w = joined.expect("reassembled");
+        let (got, body) = datagram(w.src, w.dst, &w.payload).unwrap();
+        assert_eq!(got.remote, flow().local);
+        assert!(body == &payload[..]);
+        let udp = UdpPacket::new_checked(&w.payload[..]).unwrap();
+        assert!(udp.verify_checksum(&w.src.into(), &w.dst.into()));
+    }
+
+    #[test]
+    fn fragments_and_other_protocols_are_told_apart() {
+        let mut frame = frames(&flow(), b"query", 1500).unwrap().remove(0);
+        assert!(whole(&frame).is_some());
         // More fragments follow.
         frame[14 + 6] |= 0x20;
-        assert!(parse(&frame).is_none());
+        assert!(matches!(capture(&frame), Captured::Fragment(_)));
         frame[14 + 6] &= !0x20;
         // TCP.
         frame[14 + 9] = 6;
-        assert!(parse(&frame).is_none());
+        assert!(matches!(capture(&frame), Captured::Other));
         frame[14 + 9] = 17;
         // A UDP length past the packet.
         frame[14 + 20 + 5] = 200;
-        assert!(parse(&frame).is_none());
-        assert!(parse(&frame[..20]).is_none());
+        assert!(matches!(capture(&frame), Captured::Other));
+        assert!(matches!(capture(&frame[..20]), Captured::Other));
     }
 }

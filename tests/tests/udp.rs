@@ -127,6 +127,35 @@ async fn t6_udp_ingress_echo_keeps_the_client_ip_and_every_datagram() {
     .await;
 }
 
+/// With a TAP MTU of 1,500 (`--mtu`), every datagram over 1,472 bytes crosses the TAP in IPv4
+/// fragments: the enclave kernel cuts what it sends and enclave-proxy joins it, enclave-proxy cuts
+/// what comes back and the kernel joins it. Egress and ingress, every size up to 65,000 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t6_a_small_tap_mtu_is_crossed_in_fragments_both_ways() {
+    require_root();
+    let topo = Topology::start(&["--publish-udp", "17200:7200"], &["--mtu", "1500"]);
+    bounded(120, async {
+        let dst = SocketAddr::from((INTERNET_IP, 7000));
+        echo_server(&topo.internet, dst);
+        let socket = client(&topo, dst).await;
+        echo_run(&socket, 2_000, 4).await;
+        echo_server(&topo.enclave, SocketAddr::from(([0, 0, 0, 0], 7200)));
+        let socket = client_in(&topo.client, SocketAddr::from((PARENT_IP, 17200))).await;
+        echo_run(&socket, 2_000, 4).await;
+        let c = topo.enclave_proxy().counters();
+        // Sizes 9,000, 32,765 and 65,000 are 3 of every 8 datagrams, each way.
+        let large = 2 * 2_000 * 3 / 8;
+        assert_eq!(
+            (c.get("udp.reassembled"), c.get("udp.fragmented")),
+            (large, large),
+            "every large datagram crossed the TAP in fragments"
+        );
+        assert_eq!(c.get("udp.dropped"), 0);
+        assert_eq!(topo.host().counters().get("udp.dropped"), 0);
+    })
+    .await;
+}
+
 /// A container behind Docker's UDP `-p`: its bridge has MTU 1,500, so every large datagram is
 /// cut into IPv4 fragments and joined again by the kernels on the way, both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
