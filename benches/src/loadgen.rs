@@ -423,7 +423,7 @@ fn receive(streams: &[TcpStream], sched: Schedule) -> io::Result<Received> {
 }
 
 /// The `q` quantile of `total` values of which `sorted` are known and the rest are infinite.
-fn quantile(sorted: &[u64], total: u64, q: f64) -> Option<Duration> {
+pub fn quantile(sorted: &[u64], total: u64, q: f64) -> Option<Duration> {
     if total == 0 {
         return None;
     }

@@ -1,5 +1,5 @@
-//! The packaged load generators (memcaslap, iperf3), run inside a namespace, and the CPU time
-//! of the proxy processes they load.
+//! The packaged load generators (memcaslap, iperf3) run inside a namespace, a DNS round-trip
+//! timer, and the CPU time of the proxy processes they load.
 // The benchmark times real processes: wall-clock time is right here.
 #![allow(clippy::disallowed_types)]
 
@@ -78,8 +78,52 @@ pub fn parse_iperf3(out: &str) -> Option<f64> {
 /// iperf3 against `server` (`IP:PORT`) with `streams` streams; `reverse` has the server send.
 /// Gbit/s received.
 pub fn iperf3(ns: &Netns, server: &str, secs: u32, streams: u32, reverse: bool) -> Option<f64> {
+    let p = streams.to_string();
+    parse_iperf3(&iperf3_json(ns, server, secs, reverse, &["-P", &p])?)
+}
+
+/// iperf3 over UDP against `server`, datagrams of `len` bytes sent as fast as the sender can
+/// (`-b 0`); `reverse` has the server send. Gbit/s received, and the percentage lost.
+pub fn iperf3_udp(ns: &Netns, server: &str, secs: u32, len: usize, reverse: bool) -> Option<Udp> {
+    let l = len.to_string();
+    parse_iperf3_udp(&iperf3_json(
+        ns,
+        server,
+        secs,
+        reverse,
+        &["-u", "-b", "0", "-l", &l],
+    )?)
+}
+
+/// One UDP iperf3 run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Udp {
+    /// Gbit/s received.
+    pub gbps: f64,
+    /// Datagrams lost, in percent of those sent.
+    pub lost_percent: f64,
+}
+
+/// Received Gbit/s and loss from a UDP iperf3's `-J` output.
+pub fn parse_iperf3_udp(out: &str) -> Option<Udp> {
+    let v: Value = serde_json::from_str(out).ok()?;
+    let sum = &v["end"]["sum_received"];
+    Some(Udp {
+        gbps: sum["bits_per_second"].as_f64()? / 1e9,
+        lost_percent: sum["lost_percent"].as_f64()?,
+    })
+}
+
+/// iperf3's JSON output for a run against `server` with `extra` arguments.
+fn iperf3_json(
+    ns: &Netns,
+    server: &str,
+    secs: u32,
+    reverse: bool,
+    extra: &[&str],
+) -> Option<String> {
     let (host, port) = server.rsplit_once(':')?;
-    let (t, p) = (secs.to_string(), streams.to_string());
+    let t = secs.to_string();
     let mut args = vec![
         "-c",
         host,
@@ -87,16 +131,84 @@ pub fn iperf3(ns: &Netns, server: &str, secs: u32, streams: u32, reverse: bool) 
         port,
         "-t",
         &t,
-        "-P",
-        &p,
         "-J",
         "--connect-timeout",
         "5000",
     ];
+    args.extend_from_slice(extra);
     if reverse {
         args.push("-R");
     }
-    parse_iperf3(&run_in(ns, "iperf3", &args, secs + 20)?)
+    run_in(ns, "iperf3", &args, secs + 20)
+}
+
+/// DNS round trips through one path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DnsLatency {
+    /// Median round trip; `None` if more than half were lost.
+    pub p50: Option<Duration>,
+    /// 99th percentile; `None` if more than 1% were lost.
+    pub p99: Option<Duration>,
+    /// Queries unanswered within [`DNS_WAIT`].
+    pub lost: u64,
+    /// Answers that were not a NOERROR answer with a record.
+    pub errors: u64,
+}
+
+/// How long a DNS query may wait for its answer before it counts as lost.
+pub const DNS_WAIT: Duration = Duration::from_secs(1);
+
+/// `count` A queries for `name`, one at a time over one UDP socket from `ns` to `server`, after
+/// 100 unmeasured ones; each timed from its send to its answer (matched by id).
+pub fn dns_latency(
+    ns: &Netns,
+    server: std::net::SocketAddr,
+    name: &str,
+    count: u16,
+) -> std::io::Result<DnsLatency> {
+    const WARMUP: u16 = 100;
+    let name = name.to_string();
+    ns.run(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(server)?;
+        socket.set_read_timeout(Some(DNS_WAIT))?;
+        let mut buf = [0u8; 4096];
+        let (mut rtts, mut errors) = (Vec::new(), 0);
+        for id in 0..WARMUP.saturating_add(count) {
+            let sent = Instant::now();
+            socket.send(&enclave_net_tests::dns::query(id, &name, 1, None))?;
+            let answer = loop {
+                match socket.recv(&mut buf) {
+                    // A late answer to an earlier query.
+                    Ok(n) if n < 12 || buf[..2] != id.to_be_bytes() => continue,
+                    Ok(_) => break Some(sent.elapsed()),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break None
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let good = buf[3] & 0x0f == 0 && buf[6..8] != [0, 0];
+            match answer {
+                Some(rtt) if id >= WARMUP && good => rtts.push(rtt.as_nanos() as u64),
+                Some(_) if id >= WARMUP => errors += 1,
+                _ => {}
+            }
+        }
+        rtts.sort_unstable();
+        let measured = u64::from(count);
+        Ok(DnsLatency {
+            p50: crate::loadgen::quantile(&rtts, measured, 0.50),
+            p99: crate::loadgen::quantile(&rtts, measured, 0.99),
+            lost: measured - rtts.len() as u64 - errors,
+            errors,
+        })
+    })
 }
 
 /// `(ppid, utime + stime + cutime + cstime in ticks)` from a `/proc/PID/stat` line.
@@ -234,6 +346,17 @@ mod tests {
         let out = r#"{"end": {"sum_received": {"bits_per_second": 9.5e9}}}"#;
         assert_eq!(parse_iperf3(out), Some(9.5));
         assert_eq!(parse_iperf3(r#"{"error": "unable to connect"}"#), None);
+        // iperf3 3.12 over UDP: the receiver's side of the run.
+        let udp = r#"{"end": {"sum_sent": {"bits_per_second": 2e9, "lost_percent": 0},
+            "sum_received": {"bits_per_second": 1.5e9, "lost_percent": 25.0}}}"#;
+        assert_eq!(
+            parse_iperf3_udp(udp),
+            Some(Udp {
+                gbps: 1.5,
+                lost_percent: 25.0
+            })
+        );
+        assert_eq!(parse_iperf3_udp(r#"{"error": "unable to connect"}"#), None);
     }
 
     #[test]

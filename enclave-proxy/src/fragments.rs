@@ -107,7 +107,9 @@ impl Reassembly {
         let end = start + data.len();
         let last = !packet.more_frags();
         // Every fragment but the last carries a multiple of 8 bytes (RFC 791).
-        if end > MAX_IP_LEN - usize::from(packet.header_len()) || (!last && !data.len().is_multiple_of(8)) {
+        if end > MAX_IP_LEN - usize::from(packet.header_len())
+            || (!last && !data.len().is_multiple_of(8))
+        {
             self.pending.remove(&key);
             return Outcome::Dropped("fragment malformed or past 65,535 bytes");
         }
@@ -353,5 +355,37 @@ mod tests {
         }
         let last = push(&mut r, parts.last().unwrap(), later + REASSEMBLY_TIMEOUT);
         assert!(matches!(last, Outcome::Whole(w) if w.payload == payload(3000)));
+    }
+
+    proptest::proptest! {
+        /// Whatever fragments arrive, in any order and overlap: no panic, state stays within its
+        /// bounds, and a datagram is only ever whole with every byte from its fragments.
+        #[test]
+        fn any_fragments_are_handled_within_bounds(
+            pieces in proptest::collection::vec(
+                (0u16..3, 0u16..8192, 0usize..3000, proptest::bool::ANY, proptest::num::u8::ANY),
+                1..300,
+            )
+        ) {
+            let mut r = Reassembly::default();
+            let now = Instant::now();
+            for (ident, offset8, len, more, fill) in pieces {
+                let mut p = packet(ident, &vec![fill; len]);
+                let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+                ip.set_more_frags(more);
+                ip.set_frag_offset(offset8 * 8);
+                ip.fill_checksum();
+                match r.push(&Ipv4Packet::new_checked(&p[..]).unwrap(), now) {
+                    Outcome::Whole(w) => {
+                        proptest::prop_assert!(w.payload.len() <= MAX_IP_LEN - IPV4_HEADER);
+                    }
+                    Outcome::Kept | Outcome::Dropped(_) => {}
+                }
+                proptest::prop_assert!(r.pending() <= MAX_PENDING);
+                for p in r.pending.values() {
+                    proptest::prop_assert!(p.ranges.len() <= MAX_FRAGMENTS);
+                }
+            }
+        }
     }
 }

@@ -68,8 +68,9 @@ pub struct Config {
     pub max_egress: usize,
 
     /// The most ingress connections from one client address at once (IPv6: one /64); past it
-    /// that client is reset. Raise it when clients arrive through a proxy or load balancer that
-    /// hides their addresses.
+    /// that client is reset. Also the most UDP ingress flows of one client address on one
+    /// published UDP port; past it that client's new flows are dropped. Raise it when clients
+    /// arrive through a proxy or load balancer that hides their addresses.
     #[arg(long, value_name = "N", default_value = "256", value_parser = parse_cap)]
     pub max_per_client: usize,
 

@@ -27,13 +27,15 @@ use common::transport::Stream;
 use common::wire::Status;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::Shared;
 
 /// How long a DNS stream may stay without a query before host-proxy ends it. enclave-proxy
 /// ends its side sooner; this only bounds a stream it forgot.
 const STREAM_IDLE: Duration = Duration::from_secs(60);
+/// Queries one DNS flow may have out with the resolvers at once.
+pub const MAX_PENDING_QUERIES: usize = 64;
 
 /// Parses `--dns-upstream`: `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
 pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -176,31 +178,56 @@ pub async fn connect_tcp(shared: &Shared) -> Result<TcpStream, Status> {
     Err(Status::Unreachable)
 }
 
-/// Serves one `DnsUdp` stream, whose header has been read: answers `ok`, then answers each query
-/// until the enclave ends the stream or it stays idle.
-pub async fn serve_udp(mut link: Stream, shared: &Shared) {
+/// Serves one `DnsUdp` stream, whose header has been read: answers `ok`, then answers its
+/// queries until the enclave ends the stream or it stays idle. Queries are resolved side by side,
+/// as a stub resolver expects (glibc asks for A and AAAA at once on one socket): one slow or
+/// unanswered query never holds up the next. At most [`MAX_PENDING_QUERIES`] are out at once;
+/// past that a query is dropped and counted, as a busy resolver drops one.
+pub async fn serve_udp(mut link: Stream, shared: Arc<Shared>) {
     if write_status(&mut link, Status::Ok).await.is_err() {
         return;
     }
     Counters::bump(&shared.counters.opened);
     let mut link = DatagramLink::new(link);
+    let mut pending = tokio::task::JoinSet::new();
     loop {
-        let query = match tokio::time::timeout(STREAM_IDLE, link.recv()).await {
-            Ok(Ok(Some(query))) => query,
-            Ok(Ok(None)) | Err(_) => break,
-            Ok(Err(e)) => {
-                debug!("DNS stream ended: {e}");
-                return;
-            }
-        };
-        if let Some(reply) = answer(&query, shared).await {
-            if !link.queue(&reply) {
-                debug!("DNS answer dropped: the enclave is not reading");
-                Counters::bump(&shared.counters.dns_dropped);
+        tokio::select! {
+            received = tokio::time::timeout(STREAM_IDLE, link.recv()) => match received {
+                Ok(Ok(Some(query))) if pending.len() < MAX_PENDING_QUERIES => {
+                    let shared = shared.clone();
+                    pending.spawn(async move { answer(&query, &shared).await }.in_current_span());
+                }
+                Ok(Ok(Some(_))) => {
+                    debug!("DNS query dropped: {MAX_PENDING_QUERIES} already out");
+                    Counters::bump(&shared.counters.dns_dropped);
+                }
+                Ok(Ok(None)) => break,
+                Err(_) if pending.is_empty() => break,
+                Err(_) => {}
+                Ok(Err(e)) => {
+                    debug!("DNS stream ended: {e}");
+                    return;
+                }
+            },
+            Some(done) = pending.join_next(), if !pending.is_empty() => {
+                if let Ok(Some(reply)) = done {
+                    if !link.queue(&reply) {
+                        debug!("DNS answer dropped: the enclave is not reading");
+                        Counters::bump(&shared.counters.dns_dropped);
+                    }
+                }
             }
         }
         if link.flush().await.is_err() {
             return;
+        }
+    }
+    // Answers still being resolved go out before the end.
+    while let Some(done) = pending.join_next().await {
+        if let Ok(Some(reply)) = done {
+            if !link.queue(&reply) {
+                Counters::bump(&shared.counters.dns_dropped);
+            }
         }
     }
     link.finish(Duration::from_secs(1)).await;

@@ -38,7 +38,9 @@ async fn handle(mut link: Stream, shared: Arc<Shared>, span: Span) {
     let (_permit, _live, mut tcp, span) = match set_up.await {
         SetUp::Tcp(permit, live, tcp, span) => (permit, live, tcp, span),
         SetUp::DnsUdp(_permit, _live) => {
-            crate::dns::serve_udp(link, &shared).instrument(span).await;
+            crate::dns::serve_udp(link, shared.clone())
+                .instrument(span)
+                .await;
             return;
         }
         SetUp::Udp(_permit, _live, dst) => {

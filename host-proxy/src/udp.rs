@@ -14,7 +14,7 @@
 //! after `--udp-idle-timeout` without a datagram either way, or when the enclave ends it.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,7 +124,7 @@ pub async fn serve_published(socket: UdpSocket, enclave_port: u16, shared: Arc<S
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
     let dst = SocketAddr::new(local.ip(), enclave_port);
-    let mut flows: HashMap<SocketAddr, (mpsc::Sender<Vec<u8>>, u64)> = HashMap::new();
+    let mut flows = ClientFlows::default();
     let (ended_tx, mut ended) = mpsc::channel::<(SocketAddr, u64)>(64);
     let mut next_id = 0u64;
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -138,13 +138,13 @@ pub async fn serve_published(socket: UdpSocket, enclave_port: u16, shared: Arc<S
                 }
             },
             Some((client, id)) = ended.recv() => {
-                if flows.get(&client).is_some_and(|(_, live)| *live == id) {
-                    flows.remove(&client);
+                if flows.map.get(&client).is_some_and(|(_, live)| *live == id) {
+                    flows.remove(client);
                 }
                 continue;
             }
         };
-        if let Some((queue, _)) = flows.get(&client) {
+        if let Some((queue, _)) = flows.map.get(&client) {
             match queue.try_send(buf[..n].to_vec()) {
                 Ok(()) => continue,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -154,12 +154,17 @@ pub async fn serve_published(socket: UdpSocket, enclave_port: u16, shared: Arc<S
                 }
                 // The flow just ended: open it again.
                 Err(mpsc::error::TrySendError::Closed(_)) => {
-                    flows.remove(&client);
+                    flows.remove(client);
                 }
             }
         }
-        if flows.len() >= shared.config.max_udp_flows {
+        if flows.map.len() >= shared.config.max_udp_flows {
             debug!(%client, "UDP flow cap reached: datagram dropped");
+            Counters::bump(&shared.counters.capped);
+            continue;
+        }
+        if flows.of(client.ip()) >= shared.config.max_per_client {
+            debug!(%client, "UDP flows of this client at --max-per-client: datagram dropped");
             Counters::bump(&shared.counters.capped);
             continue;
         }
@@ -179,6 +184,44 @@ pub async fn serve_published(socket: UdpSocket, enclave_port: u16, shared: Arc<S
             flow.run(rx, shared.clone()),
             span,
         ));
+    }
+}
+
+/// The flows of one published port, by client endpoint, and how many each client address (IPv6:
+/// each /64, as for TCP) has.
+#[derive(Default)]
+struct ClientFlows {
+    map: HashMap<SocketAddr, (mpsc::Sender<Vec<u8>>, u64)>,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl ClientFlows {
+    fn of(&self, ip: IpAddr) -> usize {
+        self.per_client
+            .get(&crate::limits::client_key(ip))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn insert(&mut self, client: SocketAddr, flow: (mpsc::Sender<Vec<u8>>, u64)) {
+        if self.map.insert(client, flow).is_none() {
+            *self
+                .per_client
+                .entry(crate::limits::client_key(client.ip()))
+                .or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, client: SocketAddr) {
+        if self.map.remove(&client).is_some() {
+            let key = crate::limits::client_key(client.ip());
+            if let Some(n) = self.per_client.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_client.remove(&key);
+                }
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, missing_docs, clippy::disallowed_types)]
 
 pub mod cleanup;
+pub mod dns;
 pub mod docker;
 pub mod idle;
 pub mod lab;

@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use enclave_net_tests::dns::query;
 use enclave_net_tests::docker::{Docker, BUSYBOX_IMAGE};
 use enclave_net_tests::process::Daemon;
 use enclave_net_tests::topology::*;
@@ -33,31 +34,17 @@ fn big_string(i: usize) -> String {
 
 /// dnsmasq in the "internet" namespace, answering for `enclave.test` only.
 fn dnsmasq(topo: &Topology) -> Daemon {
-    let mut cmd = topo.internet.command("dnsmasq");
     let txt = (0..4).map(big_string).collect::<Vec<_>>().join(",");
-    cmd.args([
-        "--keep-in-foreground",
-        "--log-facility=-",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--pid-file=",
-        "--user=root",
-        "--bind-interfaces",
-        &format!("--listen-address={INTERNET_IP}"),
-        "--port=53",
-        &format!("--local-ttl={TTL}"),
-        "--local=/enclave.test/",
-        &format!("--host-record={WEB},{INTERNET_IP}"),
-        &format!("--host-record={REGISTRY},{INTERNET_IP}"),
-        &format!("--txt-record={BIG},{txt}"),
-    ]);
-    Daemon::start_with(
-        "dnsmasq",
-        cmd,
-        topo.dir.0.join("dnsmasq.log"),
-        "started",
-        Duration::from_secs(5),
+    enclave_net_tests::dns::dnsmasq(
+        &topo.internet,
+        INTERNET_IP,
+        &topo.dir.0,
+        TTL,
+        &[
+            format!("--host-record={WEB},{INTERNET_IP}"),
+            format!("--host-record={REGISTRY},{INTERNET_IP}"),
+            format!("--txt-record={BIG},{txt}"),
+        ],
     )
 }
 
@@ -68,25 +55,6 @@ fn start(resolv: &Path, host_extra: &[&str]) -> Topology {
     let mut host = vec!["--dns-upstream", &upstream];
     host.extend_from_slice(host_extra);
     Topology::start(&host, &["--resolv-conf", resolv.to_str().unwrap()])
-}
-
-/// A DNS query for `name`, type `qtype`, with an EDNS OPT record offering `edns` bytes if set.
-fn query(id: u16, name: &str, qtype: u16, edns: Option<u16>) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&[0, 1]);
-    if let Some(size) = edns {
-        q.extend_from_slice(&[0, 0, 41]);
-        q.extend_from_slice(&size.to_be_bytes());
-        q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    }
-    q
 }
 
 /// The parts of an answer the tests look at.
@@ -388,6 +356,60 @@ async fn t5_no_upstream_gives_servfail_fast_and_the_pair_keeps_serving() {
     })
     .await;
     drop(swallow);
+}
+
+/// A stub resolver asks for A and AAAA at once from one socket: the query the resolver never
+/// answers must not hold up the one it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t5_a_query_left_unanswered_does_not_hold_up_the_next() {
+    require_root();
+    let dir = TempDir::new("dns5b");
+    // A resolver that answers every query except those with id 1, echoing each back as an
+    // answer.
+    let upstream = format!("{INTERNET_IP}:{HOLE_PORT}");
+    let topo = Topology::start(
+        &["--dns-upstream", &upstream, "--dns-timeout", "3"],
+        &["--resolv-conf", dir.0.join("resolv.conf").to_str().unwrap()],
+    );
+    let resolver = topo
+        .internet
+        .run(|| std::net::UdpSocket::bind((INTERNET_IP, HOLE_PORT)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = resolver.recv_from(&mut buf) {
+            if n >= 12 && buf[..2] != [0, 1] {
+                buf[2] |= 0x80;
+                let _ = resolver.send_to(&buf[..n], from);
+            }
+        }
+    });
+    bounded(30, async {
+        let socket = udp_socket(&topo);
+        socket.connect((GATEWAY, 53)).await.unwrap();
+        let started = Instant::now();
+        socket.send(&query(1, WEB, 1, None)).await.unwrap();
+        socket.send(&query(2, WEB, 28, None)).await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 2 s\n{}", topo.logs()))
+            .unwrap();
+        assert_eq!(answer(&buf[..n]).id, 2, "the answered query comes first");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // The other is answered SERVFAIL once the 3 s are up.
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no SERVFAIL\n{}", topo.logs()))
+            .unwrap();
+        let a = answer(&buf[..n]);
+        assert_eq!((a.id, a.rcode), (1, 2));
+    })
+    .await;
 }
 
 /// The black-hole resolver's UDP port.

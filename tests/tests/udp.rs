@@ -249,6 +249,127 @@ async fn t7_concurrent_flows_stay_apart() {
     .await;
 }
 
+/// A flood on one flow never blocks another: while one socket sends 8,000-byte datagrams as fast
+/// as it can for 3 s (far more than the pair carries, so its excess is dropped), another flow's
+/// echoes keep coming back. A datagram of the second flow may be lost in the enclave kernel's
+/// own queues, which the flood fills too, so each echo may be retried; none may stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7_a_flood_on_one_flow_does_not_block_another() {
+    require_root();
+    let topo = Topology::start(&[], &[]);
+    bounded(60, async {
+        let sink = SocketAddr::from((INTERNET_IP, 7002));
+        let sink_socket = socket_in(&topo.internet, sink);
+        let sunk = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = sunk.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while sink_socket.recv(&mut buf).await.is_ok() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let dst = SocketAddr::from((INTERNET_IP, 7003));
+        echo_server(&topo.internet, dst);
+        let flood = client(&topo, sink).await;
+        let quiet = client(&topo, dst).await;
+        let flooding = tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + Duration::from_secs(3);
+            let datagram = vec![0x5au8; 8000];
+            let mut sent = 0u64;
+            while tokio::time::Instant::now() < until {
+                // A full socket buffer (ENOBUFS) is the kernel's drop, not a failure.
+                if flood.send(&datagram).await.is_ok() {
+                    sent += 1;
+                }
+            }
+            sent
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut buf = [0u8; 64];
+        let mut slowest = Duration::ZERO;
+        for i in 0..200u16 {
+            let msg = i.to_be_bytes();
+            let started = tokio::time::Instant::now();
+            let mut answered = false;
+            for _ in 0..10 {
+                quiet.send(&msg).await.unwrap();
+                let wait = tokio::time::timeout(Duration::from_millis(300), async {
+                    loop {
+                        let n = quiet.recv(&mut buf).await.unwrap();
+                        if buf[..n] == msg {
+                            return;
+                        }
+                    }
+                });
+                if wait.await.is_ok() {
+                    answered = true;
+                    break;
+                }
+            }
+            assert!(
+                answered,
+                "echo {i} got no answer in 10 tries during the flood\n{}",
+                topo.logs()
+            );
+            slowest = slowest.max(started.elapsed());
+        }
+        let sent = flooding.await.unwrap();
+        let received = sunk.load(std::sync::atomic::Ordering::Relaxed);
+        let dropped = topo.enclave_proxy().counters().get("udp.dropped");
+        eprintln!(
+            "flood: {sent} sent, {received} reached the sink, {dropped} dropped by enclave-proxy; \
+             slowest echo {slowest:?}"
+        );
+        assert_eq!(topo.host().counters().get("udp.flows"), 2);
+    })
+    .await;
+}
+
+/// One client address cannot take every UDP ingress flow: past `--max-per-client` its new flows
+/// are dropped and counted, while another client still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t7_udp_ingress_flows_are_capped_per_client() {
+    require_root();
+    let topo = Topology::start(
+        &["--publish-udp", "17400:7400", "--max-per-client", "2"],
+        &[],
+    );
+    bounded(60, async {
+        echo_server(&topo.enclave, SocketAddr::from(([0, 0, 0, 0], 7400)));
+        let published = SocketAddr::from((PARENT_IP, 17400));
+        let mut buf = [0u8; 64];
+        let mut sockets = Vec::new();
+        for i in 0..3u8 {
+            let s = client_in(&topo.client, published).await;
+            s.send(&[i]).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf)).await;
+            assert_eq!(
+                got.is_ok(),
+                i < 2,
+                "flow {i} of one client, at most 2 allowed"
+            );
+            sockets.push(s);
+        }
+        assert_eq!(topo.host().counters().get("capped"), 1);
+        // Another client address is not held back by the first one's flows.
+        topo.client
+            .ip(&["addr", "add", "10.99.0.3/24", "dev", "toparent"]);
+        let other = topo
+            .client
+            .run(|| std::net::UdpSocket::bind("10.99.0.3:0"))
+            .unwrap();
+        other.set_nonblocking(true).unwrap();
+        let other = UdpSocket::from_std(other).unwrap();
+        other.connect(published).await.unwrap();
+        other.send(b"x").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), other.recv(&mut buf))
+            .await
+            .expect("another client gets a flow")
+            .unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t8_idle_flows_expire_and_a_new_datagram_opens_a_fresh_one() {
     require_root();

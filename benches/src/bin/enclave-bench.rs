@@ -11,8 +11,10 @@
 //!
 //! Figures (`--figures` picks some): memcaslap with the proxies' CPU per transaction, latency
 //! percentiles at a fixed rate, iperf3 against a server in the enclave namespace and against one
-//! in a container behind `docker run -p`, egress iperf3, and (ENCLAVE-NET only) single-stream
-//! iperf3 with 10,000 idle connections open through the pair.
+//! in a container behind `docker run -p`, egress iperf3, DNS round trips to dnsmasq (DIRECT and
+//! ENCLAVE-NET: the peers have no resolver inside the test's namespaces), iperf3 over UDP at
+//! three datagram sizes, and (ENCLAVE-NET only) single-stream iperf3 with 10,000 idle
+//! connections open through the pair.
 //!
 //! Each figure is the median of `--runs` runs. Output: Markdown tables on stdout and in
 //! `--out DIR/<stem>.md`, and every raw run in `--out DIR/<stem>.json`; the stem is `latest` for
@@ -35,6 +37,7 @@ use enclave_net_tests::idle::{self, Idle};
 use enclave_net_tests::lab::Lab;
 use enclave_net_tests::netns::Netns;
 use enclave_net_tests::process::Daemon;
+use enclave_net_tests::topology::INTERNET_IP;
 use serde_json::{json, Value};
 
 /// A path into the enclave.
@@ -69,6 +72,10 @@ enum Group {
     Egress,
     /// ENCLAVE-NET single-stream iperf3 with many idle connections open through the pair.
     Scale,
+    /// DNS round trips to dnsmasq: straight, and through the enclave's resolver.
+    Dns,
+    /// iperf3 over UDP at several datagram sizes, both ways.
+    Udp,
 }
 
 /// Command-line options.
@@ -183,6 +190,10 @@ struct Target<'a> {
     container: Option<String>,
     /// Namespace and address for the egress iperf3, where the path has egress.
     egress: Option<(&'a Netns, String)>,
+    /// Namespace and resolver for the DNS round trips, where the path has a resolver.
+    dns: Option<(&'a Netns, SocketAddr)>,
+    /// iperf3 in the enclave namespace over UDP, where the path carries UDP.
+    udp: Option<String>,
     /// The proxy processes whose CPU and memory are reported.
     pids: Vec<u32>,
 }
@@ -194,6 +205,17 @@ const IPERF: [(&str, u32, bool); 4] = [
     ("in4", 4, false),
     ("out4", 4, true),
 ];
+
+/// The UDP figures' datagram sizes: small, one Ethernet frame, and several frames.
+const UDP_SIZES: [usize; 3] = [64, 1400, 8000];
+
+/// DNS queries timed per run, one at a time.
+const DNS_QUERIES: u16 = 2000;
+/// The name the DNS figures look up, in dnsmasq's test zone.
+const DNS_NAME: &str = "bench.enclave.test";
+
+/// The enclave's gateway: enclave-proxy, and its resolver.
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
 
 /// Published ports. The pair and every peer forward each to the enclave port beside it.
 const ENCLAVE_MEMCACHED: u16 = 8080;
@@ -317,6 +339,37 @@ fn measure(t: &Target, args: &Args, clock: &Clock) -> PathResult {
             r.push("egress1", v);
         }
     }
+    if let Some((ns, server)) = t.dns.as_ref().filter(|_| args.wants(Group::Dns)) {
+        for run in 1..=runs {
+            clock.stage(&format!("{}: DNS round trips, run {run}/{runs}", t.name));
+            if !watch.ok(&mut r, &format!("DNS run {run}")) {
+                r.push("dns_p50", None);
+                r.push("dns_p99", None);
+                continue;
+            }
+            dns(ns, *server, run, &mut r);
+        }
+    }
+    if let Some(addr) = t.udp.as_ref().filter(|_| args.wants(Group::Udp)) {
+        for len in UDP_SIZES {
+            for (way, reverse) in [("in", false), ("out", true)] {
+                let key = format!("udp_{way}_{len}");
+                for run in 1..=runs {
+                    clock.stage(&format!("{}: UDP iperf3 {key}, run {run}/{runs}", t.name));
+                    if !watch.ok(&mut r, &format!("UDP iperf3 {key} run {run}")) {
+                        r.push(&key, None);
+                        continue;
+                    }
+                    let v = tools::iperf3_udp(t.client, addr, args.iperf_secs, len, reverse);
+                    if v.is_none() {
+                        r.notes.push(format!("UDP iperf3 {key}: run {run} failed"));
+                    }
+                    r.push(&key, v.map(|v| v.gbps));
+                    r.push(&format!("{key}_lost_percent"), v.map(|v| v.lost_percent));
+                }
+            }
+        }
+    }
     if !t.pids.is_empty() {
         r.cpu_secs = cpu_secs(&t.pids)
             .zip(cpu_before)
@@ -331,6 +384,29 @@ fn measure(t: &Target, args: &Args, clock: &Clock) -> PathResult {
         }
     }
     r
+}
+
+/// One run of DNS round trips against `server` from `ns`.
+fn dns(ns: &Netns, server: SocketAddr, run: usize, r: &mut PathResult) {
+    let us = |d: Option<Duration>| Some(d.map_or(f64::INFINITY, |d| d.as_secs_f64() * 1e6));
+    match tools::dns_latency(ns, server, DNS_NAME, DNS_QUERIES) {
+        Ok(d) => {
+            r.push("dns_p50", us(d.p50));
+            r.push("dns_p99", us(d.p99));
+            r.push("dns_lost", Some(d.lost as f64));
+            if d.errors > 0 {
+                r.notes.push(format!(
+                    "DNS run {run}: {} answers were not NOERROR with a record",
+                    d.errors
+                ));
+            }
+        }
+        Err(e) => {
+            r.push("dns_p50", None);
+            r.push("dns_p99", None);
+            r.notes.push(format!("DNS run {run} failed: {e}"));
+        }
+    }
 }
 
 /// One run of the open-loop generator against the path's memcached.
@@ -629,6 +705,7 @@ fn main() {
         (PAIR_IDLE, ENCLAVE_IDLE),
     ]
     .map(|(h, e)| format!("{h}:{e}"));
+    let upstream = format!("{INTERNET_IP}:53");
     let mut lab = Lab::start(
         &[
             "--publish",
@@ -637,10 +714,23 @@ fn main() {
             &publish[1],
             "--publish",
             &publish[2],
+            "--publish-udp",
+            &publish[0],
+            "--dns-upstream",
+            &upstream,
         ],
         &[],
     );
     let dir = lab.topo.dir.0.clone();
+    let _dnsmasq = args.wants(Group::Dns).then(|| {
+        enclave_net_tests::dns::dnsmasq(
+            &lab.topo.internet,
+            INTERNET_IP,
+            &dir,
+            300,
+            &[format!("--host-record={DNS_NAME},{INTERNET_IP}")],
+        )
+    });
     clock.stage("starting memcached behind docker run -p 8080:11211, and iperf3 servers");
     lab.docker.cli(&[
         "run",
@@ -686,6 +776,8 @@ fn main() {
                 iperf: Some(format!("10.240.0.2:{ENCLAVE_IPERF}")),
                 container: Some(format!("10.240.0.2:{ENCLAVE_IPERF_CONTAINER}")),
                 egress: None,
+                dns: Some((&topo.parent, SocketAddr::from((INTERNET_IP, 53)))),
+                udp: Some(format!("10.240.0.2:{ENCLAVE_IPERF}")),
                 pids: vec![],
             },
             &args,
@@ -707,6 +799,8 @@ fn main() {
                 iperf: Some(format!("10.99.0.1:{PAIR_IPERF}")),
                 container: Some(format!("10.99.0.1:{PAIR_IPERF_CONTAINER}")),
                 egress: Some((&topo.enclave, "10.98.0.2:5201".into())),
+                dns: Some((&topo.enclave, SocketAddr::from((GATEWAY, 53)))),
+                udp: Some(format!("10.99.0.1:{PAIR_IPERF}")),
                 pids: pair_pids,
             },
             &args,
@@ -775,6 +869,8 @@ fn main() {
                 iperf: Some("10.99.0.1:25201".into()),
                 container: Some("10.99.0.1:25202".into()),
                 egress: Some((&topo.enclave, "127.0.0.1:35201".into())),
+                dns: None,
+                udp: None,
                 pids,
             },
             &args,
@@ -812,14 +908,15 @@ fn main() {
             &dir,
         );
         wait_for_file(&api);
-        for (host, guest) in [
-            (48080, ENCLAVE_MEMCACHED),
-            (45201, ENCLAVE_IPERF),
-            (45202, ENCLAVE_IPERF_CONTAINER),
+        for (proto, host, guest) in [
+            ("tcp", 48080, ENCLAVE_MEMCACHED),
+            ("tcp", 45201, ENCLAVE_IPERF),
+            ("udp", 45201, ENCLAVE_IPERF),
+            ("tcp", 45202, ENCLAVE_IPERF_CONTAINER),
         ] {
             let reply = slirp_api(
                 &api,
-                &json!({"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": "0.0.0.0", "host_port": host, "guest_addr": "10.0.2.100", "guest_port": guest}}),
+                &json!({"execute": "add_hostfwd", "arguments": {"proto": proto, "host_addr": "0.0.0.0", "host_port": host, "guest_addr": "10.0.2.100", "guest_port": guest}}),
             );
             assert!(reply.contains("return"), "slirp4netns add_hostfwd: {reply}");
         }
@@ -831,6 +928,8 @@ fn main() {
                 iperf: Some("10.99.0.1:45201".into()),
                 container: Some("10.99.0.1:45202".into()),
                 egress: Some((&topo.enclave, "10.98.0.2:5201".into())),
+                dns: None,
+                udp: Some("10.99.0.1:45201".into()),
                 pids: slirp.pid().into_iter().collect(),
             },
             &args,
@@ -853,6 +952,8 @@ fn main() {
                 iperf: Some("10.99.0.1:35201".into()),
                 container: Some("10.99.0.1:35202".into()),
                 egress: Some((&topo.enclave, "10.98.0.2:5201".into())),
+                dns: None,
+                udp: Some("10.99.0.1:35201".into()),
                 pids: pasta.pid().into_iter().collect(),
             },
             &args,
@@ -883,6 +984,8 @@ fn main() {
                 iperf: Some("127.0.0.1:35201".into()),
                 container: Some("127.0.0.1:35202".into()),
                 egress: None,
+                dns: None,
+                udp: None,
                 pids: pasta.pid().into_iter().chain(docker_proxies).collect(),
             },
             &args,
@@ -933,7 +1036,14 @@ fn start_pasta(lab: &Lab, args: &Args, dir: &std::path::Path) -> Daemon {
     ] {
         pasta_args.extend(s(&["-t", &format!("{host}:{enclave}")]));
     }
-    pasta_args.extend(s(&["-u", "none", "-T", "none", "-U", "none"]));
+    pasta_args.extend(s(&[
+        "-u",
+        &format!("35201:{ENCLAVE_IPERF}"),
+        "-T",
+        "none",
+        "-U",
+        "none",
+    ]));
     daemon("pasta", &lab.topo.parent, "pasta", &pasta_args, dir)
 }
 
