@@ -15,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod config_file;
 pub mod datagram;
 pub mod dns;
 pub mod frame;

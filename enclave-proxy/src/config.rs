@@ -1,4 +1,5 @@
-//! Command-line configuration.
+//! Configuration: command-line options, and the same as keys of a `--config` file
+//! ([`common::config_file`]).
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -13,6 +14,12 @@ use common::transport::LinkAddr;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "enclave-proxy", version)]
 pub struct Config {
+    /// A TOML file of options: each key is an option's long name with underscores
+    /// (`max_udp_flows = 512`); an option on the command line overrides its key. See README,
+    /// "Config files".
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Where egress streams go: host-proxy's --listen (vsock:CID:PORT or unix:PATH).
     #[arg(long, value_name = "ADDR", default_value = "vsock:3:5001")]
     pub host: LinkAddr,
@@ -158,4 +165,31 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
         ));
     }
     Ok((addr, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// config/enclave-proxy.example.toml loads, has a key for every option, and every value it
+    /// shows (the commented-out defaults and examples) is accepted.
+    #[test]
+    fn the_example_config_is_complete_and_valid() {
+        use common::config_file::{missing_keys, try_parse, uncommented};
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/enclave-proxy.example.toml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(missing_keys::<Config>(&text), Vec::<String>::new());
+        let args = |p: &std::path::Path| vec!["enclave-proxy".into(), "--config".into(), p.into()];
+        try_parse::<Config>(args(std::path::Path::new(path))).unwrap();
+        let live =
+            std::env::temp_dir().join(format!("enclave-proxy-example-{}.toml", std::process::id()));
+        std::fs::write(&live, uncommented(&text)).unwrap();
+        let loaded = try_parse::<Config>(args(&live));
+        let _ = std::fs::remove_file(&live);
+        let (config, _) = loaded.unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.config.is_some());
+    }
 }

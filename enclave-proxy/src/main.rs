@@ -1,10 +1,8 @@
 //! enclave-proxy binary: parse, set up tracing, run.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-
 fn main() -> anyhow::Result<()> {
-    let config = enclave_proxy::Config::parse();
+    let (config, _) = common::config_file::parse::<enclave_proxy::Config>();
     common::sys::pin_mmap_threshold();
     common::telemetry::init(config.log_format);
     // One thread: the stack task owns everything and is the only hot path; the enclave kernel

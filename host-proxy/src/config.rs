@@ -1,4 +1,5 @@
-//! Command-line configuration.
+//! Configuration: command-line options, and the same as keys of a `--config` file
+//! ([`common::config_file`]).
 
 use std::time::Duration;
 
@@ -14,6 +15,12 @@ use crate::publish::Publish;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "host-proxy", version)]
 pub struct Config {
+    /// A TOML file of options: each key is an option's long name with underscores
+    /// (`max_udp_flows = 512`); an option on the command line overrides its key. See README,
+    /// "Config files".
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Where enclave-proxy accepts ingress streams (vsock:CID:PORT or unix:PATH).
     #[arg(long, value_name = "ADDR")]
     pub enclave: LinkAddr,
@@ -117,6 +124,34 @@ pub struct Config {
     pub udp_idle_timeout: Duration,
 }
 
+impl Config {
+    /// Checks what each option alone cannot: no host port is published twice for one protocol.
+    /// `origin` says where each value was set, for the message.
+    pub fn check(&self, origin: &common::config_file::Origin) -> Result<(), String> {
+        for (long, list) in [
+            ("publish", &self.publish),
+            ("publish-udp", &self.publish_udp),
+        ] {
+            for (i, a) in list.iter().enumerate() {
+                if let Some((j, b)) = list
+                    .iter()
+                    .enumerate()
+                    .skip(i + 1)
+                    .find(|(_, b)| a.overlaps(b))
+                {
+                    return Err(format!(
+                        "--{long} {a} ({}) and --{long} {b} ({}) overlap: a host port can be \
+                         published only once",
+                        origin.of(long, i),
+                        origin.of(long, j)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A cap: a whole number of connections, at least 1.
 fn parse_cap(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
@@ -144,6 +179,29 @@ fn parse_deny(s: &str) -> Result<Rule, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// config/host-proxy.example.toml loads, has a key for every option, and every value it shows
+    /// (the commented-out defaults and examples) is accepted.
+    #[test]
+    fn the_example_config_is_complete_and_valid() {
+        use common::config_file::{missing_keys, try_parse, uncommented};
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/host-proxy.example.toml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(missing_keys::<Config>(&text), Vec::<String>::new());
+        let args = |p: &std::path::Path| vec!["host-proxy".into(), "--config".into(), p.into()];
+        try_parse::<Config>(args(std::path::Path::new(path))).unwrap();
+        let live =
+            std::env::temp_dir().join(format!("host-proxy-example-{}.toml", std::process::id()));
+        std::fs::write(&live, uncommented(&text)).unwrap();
+        let loaded = try_parse::<Config>(args(&live));
+        let _ = std::fs::remove_file(&live);
+        let (config, origin) = loaded.unwrap_or_else(|e| panic!("{e}"));
+        // The example's publishes do not overlap.
+        config.check(&origin).unwrap();
+    }
 
     #[test]
     fn caps_and_timeouts() {

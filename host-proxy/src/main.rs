@@ -1,10 +1,11 @@
 //! host-proxy binary: parse, set up tracing, run.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-
 fn main() -> anyhow::Result<()> {
-    let config = host_proxy::Config::parse();
+    let (config, origin) = common::config_file::parse::<host_proxy::Config>();
+    if let Err(e) = config.check(&origin) {
+        common::config_file::ConfigError::File(e).exit();
+    }
     common::sys::pin_mmap_threshold();
     common::telemetry::init(config.log_format);
     let runtime = match config.threads {

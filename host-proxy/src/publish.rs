@@ -54,6 +54,43 @@ impl Publish {
     }
 }
 
+impl Publish {
+    /// Whether this mapping and `other` listen on a common host port of a common address
+    /// (0.0.0.0 or :: covers every address of its family).
+    pub fn overlaps(&self, other: &Publish) -> bool {
+        let same_addr = self.bind == other.bind
+            || (self.bind.is_ipv4() == other.bind.is_ipv4()
+                && (self.bind.is_unspecified() || other.bind.is_unspecified()));
+        let end = |p: &Publish| u32::from(p.host_start) + u32::from(p.count);
+        same_addr
+            && u32::from(self.host_start) < end(other)
+            && u32::from(other.host_start) < end(self)
+    }
+}
+
+impl std::fmt::Display for Publish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let range = |start: u16| {
+            if self.count == 1 {
+                start.to_string()
+            } else {
+                format!("{start}-{}", u32::from(start) + u32::from(self.count) - 1)
+            }
+        };
+        match self.bind {
+            IpAddr::V4(ip) if ip.is_unspecified() => {}
+            IpAddr::V4(ip) => write!(f, "{ip}:")?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:")?,
+        }
+        write!(
+            f,
+            "{}:{}",
+            range(self.host_start),
+            range(self.enclave_start)
+        )
+    }
+}
+
 impl FromStr for Publish {
     type Err = PublishError;
 
@@ -102,6 +139,23 @@ impl FromStr for Publish {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlaps_and_display() {
+        let p = |s: &str| s.parse::<Publish>().unwrap();
+        assert!(p("8080:80").overlaps(&p("8080:81")));
+        assert!(p("8000-8010:100-110").overlaps(&p("8010:80")));
+        assert!(!p("8000-8010:100-110").overlaps(&p("8011:80")));
+        assert!(
+            p("10.0.0.1:80").overlaps(&p("80")),
+            "0.0.0.0 covers every IPv4 address"
+        );
+        assert!(!p("10.0.0.1:80").overlaps(&p("10.0.0.2:80")));
+        assert!(!p("[::1]:80").overlaps(&p("80")), "another family");
+        for spec in ["8080:80", "10.0.0.1:8000-8010:100-110", "[::1]:53:53"] {
+            assert_eq!(p(spec).to_string(), spec);
+        }
+    }
 
     fn pairs(s: &str) -> Vec<(SocketAddr, u16)> {
         s.parse::<Publish>().unwrap().pairs().collect()
