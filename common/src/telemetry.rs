@@ -51,6 +51,34 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Tells the service manager the daemon is serving (`READY=1`), when it was started with
+/// `NOTIFY_SOCKET` set (a systemd unit of `Type=notify`, or any supervisor that speaks the
+/// protocol); does nothing otherwise. Call it once every listener is bound.
+pub fn notify_ready() {
+    notify(&[sd_notify::NotifyState::Ready], "READY=1");
+}
+
+/// Tells the service manager the daemon is reloading its configuration (`RELOADING=1`); it
+/// follows with [`notify_ready`] when done.
+pub fn notify_reloading() {
+    notify(&[sd_notify::NotifyState::Reloading], "RELOADING=1");
+}
+
+/// Tells the service manager the daemon is shutting down (`STOPPING=1`).
+pub fn notify_stopping() {
+    notify(&[sd_notify::NotifyState::Stopping], "STOPPING=1");
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>], what: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    match sd_notify::notify(false, state) {
+        Ok(()) => tracing::debug!("told the service manager {what}"),
+        Err(e) => tracing::warn!("could not tell the service manager {what}: {e}"),
+    }
+}
+
 /// Raises the open-file limit to at least `need` descriptors, and says plainly when it cannot.
 ///
 /// The soft limit goes to the hard limit first (the usual soft limit of 1024 would cap a daemon

@@ -172,7 +172,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         dns = !config.no_dns,
         "enclave-proxy ready"
     );
-    stack.run(common::telemetry::shutdown_signal()).await;
+    common::telemetry::notify_ready();
+    stack
+        .run(async {
+            common::telemetry::shutdown_signal().await;
+            common::telemetry::notify_stopping();
+        })
+        .await;
     accept.abort();
     usr1.abort();
     counters.log("enclave-proxy");

@@ -15,6 +15,7 @@ pub mod ingress;
 pub mod limits;
 pub mod policy;
 pub mod publish;
+pub mod reload;
 pub mod splice;
 pub mod udp;
 
@@ -78,10 +79,8 @@ pub enum StartError {
 /// Runs host-proxy until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), StartError> {
     common::transport::set_vsock_buffer(config.vsock_buffer_kib * 1024);
-    let mut rules = config.allow.clone();
-    rules.extend(config.deny.iter().cloned());
     let shared = Arc::new(Shared {
-        policy: policy::Policy::new(rules),
+        policy: policy::Policy::new(reload::operator_rules(&config)),
         counters: Counters::default(),
         caps: limits::Caps::new(config.max_ingress, config.max_egress, config.max_per_client),
         resolvers: dns::Resolvers::new(config.dns_upstream.clone(), config.resolv_conf.clone()),
@@ -109,25 +108,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         common::metrics::log_on_sigusr1(&for_usr1.counters, "host-proxy").await;
     });
     tasks.spawn(refresh_local_addrs(shared.clone()));
-    let mut published = Vec::new();
-    for spec in &shared.config.publish {
-        for (addr, enclave_port) in spec.pairs() {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Publish { addr, source })?;
-            published.push(format!("{addr}->{enclave_port}"));
-            tasks.spawn(ingress::serve(listener, enclave_port, shared.clone()));
-        }
-    }
-    for spec in &shared.config.publish_udp {
-        for (addr, enclave_port) in spec.pairs() {
-            let socket = tokio::net::UdpSocket::bind(addr)
-                .await
-                .map_err(|source| StartError::Publish { addr, source })?;
-            published.push(format!("udp:{addr}->{enclave_port}"));
-            tasks.spawn(udp::serve_published(socket, enclave_port, shared.clone()));
-        }
-    }
+    // SIGHUP reloads; registered before `ready` so an early one is never fatal.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut served = reload::Served::default();
+    served.apply(&shared.config, &shared, true).await?;
     let egress_listener =
         shared
             .config
@@ -143,10 +127,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     info!(
         listen = %shared.config.listen,
         enclave = %shared.config.enclave,
-        published = ?published,
+        published = ?served.describe(),
         "host-proxy ready"
     );
-    common::telemetry::shutdown_signal().await;
+    common::telemetry::notify_ready();
+    let shutdown = common::telemetry::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = async { hup.as_mut()?.recv().await } => {
+                reload::reload(&mut served, &shared).await;
+            }
+        }
+    }
+    common::telemetry::notify_stopping();
+    served.stop();
     tasks.shutdown().await;
     shared.counters.log("host-proxy");
     Ok(())

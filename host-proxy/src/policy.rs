@@ -230,8 +230,8 @@ pub const TIME_SYNC: std::net::SocketAddrV4 =
 /// The ordered egress rule set.
 #[derive(Debug)]
 pub struct Policy {
-    /// The fixed defaults and the operator's rules.
-    rules: Vec<Rule>,
+    /// The fixed defaults and the operator's rules; the operator's are replaced whole on reload.
+    rules: RwLock<Vec<Rule>>,
     /// One built-in denial per address of the parent's interfaces. Replaced as a whole by the
     /// refresh task; `check` only takes the read side, which costs an uncontended atomic.
     local: RwLock<Vec<Rule>>,
@@ -241,6 +241,19 @@ impl Policy {
     /// The built-in denials plus the operator's rules. The parent's own addresses are added by
     /// [`Policy::set_local_addrs`].
     pub fn new(operator: Vec<Rule>) -> Policy {
+        Policy {
+            rules: RwLock::new(Self::with_defaults(operator)),
+            local: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Replaces the operator's rules (a reload). Each connection is checked once, when it is
+    /// set up: connections already up are not affected.
+    pub fn set_operator_rules(&self, operator: Vec<Rule>) {
+        *self.rules.write().unwrap_or_else(PoisonError::into_inner) = Self::with_defaults(operator);
+    }
+
+    fn with_defaults(operator: Vec<Rule>) -> Vec<Rule> {
         let defaults = [
             "169.254.0.0/16",
             "127.0.0.0/8",
@@ -255,10 +268,7 @@ impl Policy {
             .map(Rule::builtin_deny)
             .collect();
         rules.extend(operator);
-        Policy {
-            rules,
-            local: RwLock::new(Vec::new()),
-        }
+        rules
     }
 
     /// Replaces the parent's own addresses, each denied like loopback unless an operator rule at
@@ -309,7 +319,8 @@ impl Policy {
     /// The action and origin of the most specific rule matching `dst`.
     fn winner(&self, dst: SocketAddr) -> Option<(Action, Origin)> {
         let local = self.local.read().unwrap_or_else(PoisonError::into_inner);
-        self.rules
+        let rules = self.rules.read().unwrap_or_else(PoisonError::into_inner);
+        rules
             .iter()
             .chain(local.iter())
             .filter(|r| r.matches(dst))

@@ -76,6 +76,8 @@ pub struct Topology {
     pub internet: Netns,
     host_args: Vec<String>,
     enclave_args: Vec<String>,
+    /// Environment for the daemons started from here on (for example `NOTIFY_SOCKET`).
+    pub daemon_env: Vec<(String, String)>,
     /// Temporary directory holding the link sockets and logs.
     pub dir: TempDir,
 }
@@ -137,6 +139,7 @@ impl Topology {
             internet,
             host_args,
             enclave_args,
+            daemon_env: Vec::new(),
             dir,
         };
         topo.start_enclave();
@@ -151,6 +154,7 @@ impl Topology {
             .enclave
             .command(bin("enclave-proxy").to_str().expect("utf-8 path"));
         cmd.args(&self.enclave_args);
+        cmd.envs(self.daemon_env.iter().cloned());
         let log = self.dir.0.join("enclave-proxy.log");
         if log.exists() {
             let _ = std::fs::rename(&log, self.dir.0.join("enclave-proxy.previous.log"));
@@ -190,6 +194,7 @@ impl Topology {
             .parent
             .command(bin("host-proxy").to_str().expect("utf-8 path"));
         cmd.args(&self.host_args);
+        cmd.envs(self.daemon_env.iter().cloned());
         let log = self.dir.0.join("host-proxy.log");
         let _ = std::fs::rename(&log, self.dir.0.join("host-proxy.previous.log"));
         self.host = Some(Daemon::start("host-proxy", cmd, log));

@@ -1,0 +1,176 @@
+//! The published ports being served, and SIGHUP: read the configuration again and apply its
+//! publishes and egress policy without dropping anything already carried.
+//!
+//! Each published address has a task of its own that accepts on it; every connection it accepts
+//! is a task of its own too. A reload stops the accepting tasks of the publishes that went (or
+//! changed their enclave port) and binds the new ones, so connections already up keep flowing,
+//! removed ports stop accepting and new ones start. The egress policy is swapped whole; each
+//! egress connection is checked once, when it is set up. A configuration that does not load (a
+//! bad file, a bad value, a port published twice) is refused with a logged reason and the
+//! running one stays in force. Other settings are read at start only: a reload that changes one
+//! says so.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::policy::Rule;
+use crate::{ingress, udp, Shared, StartError};
+
+/// The publishes being served, by protocol and listen address: the enclave port and the task
+/// accepting on it.
+#[derive(Debug, Default)]
+pub struct Served {
+    tcp: HashMap<SocketAddr, (u16, JoinHandle<()>)>,
+    udp: HashMap<SocketAddr, (u16, JoinHandle<()>)>,
+}
+
+impl Served {
+    /// Serves exactly the publishes of `config`. At start (`strict`) a port that cannot be bound
+    /// is the error returned; on reload it is logged and the others still apply.
+    pub async fn apply(
+        &mut self,
+        config: &Config,
+        shared: &Arc<Shared>,
+        strict: bool,
+    ) -> Result<(), StartError> {
+        for is_udp in [false, true] {
+            let specs = if is_udp {
+                &config.publish_udp
+            } else {
+                &config.publish
+            };
+            let want: HashMap<SocketAddr, u16> = specs.iter().flat_map(|p| p.pairs()).collect();
+            let map = if is_udp { &mut self.udp } else { &mut self.tcp };
+            // What goes (or changes) stops first, so its address is free for its replacement.
+            let gone: Vec<SocketAddr> = map
+                .iter()
+                .filter(|(addr, (port, _))| want.get(addr) != Some(port))
+                .map(|(addr, _)| *addr)
+                .collect();
+            for addr in gone {
+                if let Some((port, task)) = map.remove(&addr) {
+                    task.abort();
+                    let _ = task.await;
+                    info!(%addr, enclave.port = port, udp = is_udp, "stopped publishing");
+                }
+            }
+            let mut new: Vec<(SocketAddr, u16)> = want
+                .into_iter()
+                .filter(|(addr, _)| !map.contains_key(addr))
+                .collect();
+            new.sort_unstable();
+            for (addr, port) in new {
+                match bind(addr, port, is_udp, shared).await {
+                    Ok(task) => {
+                        map.insert(addr, (port, task));
+                    }
+                    Err(e) if strict => return Err(e),
+                    Err(e) => error!("{e}; the rest of the configuration applies"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What is published, `ADDR->PORT` (`udp:` for UDP), sorted.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .tcp
+            .iter()
+            .map(|(addr, (port, _))| format!("{addr}->{port}"))
+            .chain(
+                self.udp
+                    .iter()
+                    .map(|(addr, (port, _))| format!("udp:{addr}->{port}")),
+            )
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// How many addresses are published.
+    pub fn len(&self) -> usize {
+        self.tcp.len() + self.udp.len()
+    }
+
+    /// Whether nothing is published.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops accepting everywhere.
+    pub fn stop(&mut self) {
+        for (_, task) in self.tcp.values().chain(self.udp.values()) {
+            task.abort();
+        }
+    }
+}
+
+/// Binds one published address and starts accepting on it.
+async fn bind(
+    addr: SocketAddr,
+    enclave_port: u16,
+    is_udp: bool,
+    shared: &Arc<Shared>,
+) -> Result<JoinHandle<()>, StartError> {
+    let failed = |source| StartError::Publish { addr, source };
+    Ok(if is_udp {
+        let socket = tokio::net::UdpSocket::bind(addr).await.map_err(failed)?;
+        tokio::spawn(udp::serve_published(socket, enclave_port, shared.clone()))
+    } else {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+        tokio::spawn(ingress::serve(listener, enclave_port, shared.clone()))
+    })
+}
+
+/// The operator's egress rules of `config`.
+pub fn operator_rules(config: &Config) -> Vec<Rule> {
+    let mut rules = config.allow.clone();
+    rules.extend(config.deny.iter().cloned());
+    rules
+}
+
+/// SIGHUP: loads the configuration again from the process's own command line (and so the same
+/// file, the flags still overriding it), then applies its publishes and egress policy.
+pub async fn reload(served: &mut Served, shared: &Arc<Shared>) {
+    common::telemetry::notify_reloading();
+    match load_again(&shared.config) {
+        Err(e) => error!("SIGHUP: reload refused, the running configuration stays: {e}"),
+        Ok(config) => {
+            shared.policy.set_operator_rules(operator_rules(&config));
+            // Binding failures are logged inside; nothing else can fail.
+            let _ = served.apply(&config, shared, false).await;
+            info!(
+                published = ?served.describe(),
+                allow = ?config.allow,
+                deny = ?config.deny,
+                "SIGHUP: configuration reloaded (publishes and egress policy)"
+            );
+        }
+    }
+    common::telemetry::notify_ready();
+}
+
+/// The configuration as it loads now, checked.
+fn load_again(running: &Config) -> Result<Config, String> {
+    let (config, origin) = common::config_file::try_parse::<Config>(std::env::args_os().collect())
+        .map_err(|e| e.to_string())?;
+    config.check(&origin)?;
+    let mut rest = config.clone();
+    rest.publish.clone_from(&running.publish);
+    rest.publish_udp.clone_from(&running.publish_udp);
+    rest.allow.clone_from(&running.allow);
+    rest.deny.clone_from(&running.deny);
+    if format!("{rest:?}") != format!("{running:?}") {
+        warn!(
+            "SIGHUP: the configuration also changes settings other than publish, publish_udp, \
+             allow and deny; those apply at the next restart"
+        );
+    }
+    Ok(config)
+}
