@@ -38,6 +38,7 @@ examples = {
     'idle-timeout': '300',
     'expose': '"80,443,8000-8100"',
     'resolv-conf': '"/etc/resolv.conf"',
+    'metrics': '"127.0.0.1:9464"',
 }
 repeatable = {'publish','publish-udp','allow','deny','dns-upstream'}
 res = [f"# {name}: every option as a config key (--config PATH). Keys are the long options with",

@@ -97,6 +97,12 @@ pub struct Config {
     #[arg(long, value_name = "KIB", default_value = "2048", value_parser = clap::value_parser!(u64).range(64..=65536))]
     pub vsock_buffer_kib: u64,
 
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (for example 127.0.0.1:9464). Off by
+    /// default; it tells whoever reaches it what the enclave's traffic looks like, so bind it
+    /// where only the monitoring can.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: LogFormat,

@@ -116,11 +116,16 @@ async fn set_up<'a>(link: &mut Stream, shared: &'a Shared) -> SetUp<'a> {
 /// Connects to `dst` (or, for DNS, to a resolver) and answers the stream with the status; `None`
 /// unless both succeeded.
 async fn open(link: &mut Stream, dst: SocketAddr, dns: bool, shared: &Shared) -> Option<TcpStream> {
+    let started = tokio::time::Instant::now();
     let connected = if dns {
         crate::dns::connect_tcp(shared).await
     } else {
         connect(dst, shared).await
     };
+    shared
+        .observed
+        .egress_connect
+        .observe(started.elapsed().as_secs_f64());
     let tcp = match connected {
         Ok(tcp) => tcp,
         Err(status) => {

@@ -13,6 +13,7 @@ pub mod dns;
 pub mod egress;
 pub mod ingress;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod publish;
 pub mod reload;
@@ -48,6 +49,14 @@ pub struct Shared {
     pub caps: limits::Caps,
     /// Where the enclave's DNS queries go.
     pub resolvers: dns::Resolvers,
+    /// Metrics observed as they happen (`--metrics`).
+    pub observed: metrics::Observed,
+}
+
+impl AsRef<Counters> for Shared {
+    fn as_ref(&self) -> &Counters {
+        &self.counters
+    }
 }
 
 /// Why host-proxy could not start.
@@ -71,6 +80,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics address could not be bound.
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The parent's own addresses, which egress must not reach, could not be read.
     #[error("cannot list the parent's interface addresses: {0}")]
     LocalAddrs(#[source] nix::Error),
@@ -84,6 +102,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         counters: Counters::default(),
         caps: limits::Caps::new(config.max_ingress, config.max_egress, config.max_per_client),
         resolvers: dns::Resolvers::new(config.dns_upstream.clone(), config.resolv_conf.clone()),
+        observed: metrics::Observed::default(),
         config,
     });
     let listeners: usize = shared
@@ -123,11 +142,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 source,
             })?;
     tasks.spawn(egress::serve(egress_listener, shared.clone()));
+    if let Some(addr) = shared.config.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Metrics { addr, source })?;
+        let registry = metrics::registry(
+            shared.clone(),
+            &shared.observed,
+            &shared.config.enclave.to_string(),
+        );
+        tasks.spawn(metrics::serve(listener, Arc::new(registry)));
+    }
 
     info!(
         listen = %shared.config.listen,
         enclave = %shared.config.enclave,
         published = ?served.describe(),
+        metrics = ?shared.config.metrics,
         "host-proxy ready"
     );
     common::telemetry::notify_ready();
