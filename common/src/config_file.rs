@@ -245,6 +245,24 @@ impl FileArgs {
     }
 }
 
+/// Checks an example config file for `T` (`program` names it in errors): it has a key for every
+/// option (live or commented out), it loads, and it still loads with every commented-out
+/// `# key = value` line made live. Returns the latter configuration, or what is wrong.
+pub fn check_example<T: clap::Parser>(program: &str, path: &Path) -> Result<(T, Origin), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let missing = missing_keys::<T>(&text);
+    if !missing.is_empty() {
+        return Err(format!("{} has no key for {missing:?}", path.display()));
+    }
+    let args = |p: &Path| vec![program.into(), "--config".into(), p.into()];
+    try_parse::<T>(args(path)).map_err(|e| e.to_string())?;
+    let live = std::env::temp_dir().join(format!("{program}-example-{}.toml", std::process::id()));
+    std::fs::write(&live, uncommented(&text)).map_err(|e| e.to_string())?;
+    let loaded = try_parse::<T>(args(&live));
+    let _ = std::fs::remove_file(&live);
+    loaded.map_err(|e| format!("with every example value live: {e}"))
+}
+
 /// The options of `T` that the config file `text` has no key for, live or commented out
 /// (`# key = ...`): for tests that an example file is complete.
 pub fn missing_keys<T: CommandFactory>(text: &str) -> Vec<String> {

@@ -171,25 +171,14 @@ fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
 mod tests {
     use super::*;
 
-    /// config/enclave-proxy.example.toml loads, has a key for every option, and every value it
-    /// shows (the commented-out defaults and examples) is accepted.
+    /// config/enclave-proxy.example.toml has a key for every option, and loads, with every
+    /// value it shows live too.
     #[test]
     fn the_example_config_is_complete_and_valid() {
-        use common::config_file::{missing_keys, try_parse, uncommented};
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../config/enclave-proxy.example.toml"
         );
-        let text = std::fs::read_to_string(path).unwrap();
-        assert_eq!(missing_keys::<Config>(&text), Vec::<String>::new());
-        let args = |p: &std::path::Path| vec!["enclave-proxy".into(), "--config".into(), p.into()];
-        try_parse::<Config>(args(std::path::Path::new(path))).unwrap();
-        let live =
-            std::env::temp_dir().join(format!("enclave-proxy-example-{}.toml", std::process::id()));
-        std::fs::write(&live, uncommented(&text)).unwrap();
-        let loaded = try_parse::<Config>(args(&live));
-        let _ = std::fs::remove_file(&live);
-        let (config, _) = loaded.unwrap_or_else(|e| panic!("{e}"));
-        assert!(config.config.is_some());
+        common::config_file::check_example::<Config>("enclave-proxy", path.as_ref()).unwrap();
     }
 }

@@ -186,26 +186,16 @@ fn parse_deny(s: &str) -> Result<Rule, String> {
 mod tests {
     use super::*;
 
-    /// config/host-proxy.example.toml loads, has a key for every option, and every value it shows
-    /// (the commented-out defaults and examples) is accepted.
+    /// config/host-proxy.example.toml has a key for every option, and loads, with every value
+    /// it shows live too; its publishes do not overlap.
     #[test]
     fn the_example_config_is_complete_and_valid() {
-        use common::config_file::{missing_keys, try_parse, uncommented};
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../config/host-proxy.example.toml"
         );
-        let text = std::fs::read_to_string(path).unwrap();
-        assert_eq!(missing_keys::<Config>(&text), Vec::<String>::new());
-        let args = |p: &std::path::Path| vec!["host-proxy".into(), "--config".into(), p.into()];
-        try_parse::<Config>(args(std::path::Path::new(path))).unwrap();
-        let live =
-            std::env::temp_dir().join(format!("host-proxy-example-{}.toml", std::process::id()));
-        std::fs::write(&live, uncommented(&text)).unwrap();
-        let loaded = try_parse::<Config>(args(&live));
-        let _ = std::fs::remove_file(&live);
-        let (config, origin) = loaded.unwrap_or_else(|e| panic!("{e}"));
-        // The example's publishes do not overlap.
+        let (config, origin) =
+            common::config_file::check_example::<Config>("host-proxy", path.as_ref()).unwrap();
         config.check(&origin).unwrap();
     }
 
