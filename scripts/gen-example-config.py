@@ -39,8 +39,9 @@ examples = {
     'expose': '"80,443,8000-8100"',
     'resolv-conf': '"/etc/resolv.conf"',
     'metrics': '"127.0.0.1:9464"',
+    'publish-transparent': '["eth0:80,443,10000-20000"]',
 }
-repeatable = {'publish','publish-udp','allow','deny','dns-upstream'}
+repeatable = {'publish','publish-udp','allow','deny','dns-upstream','publish-transparent'}
 res = [f"# {name}: every option as a config key (--config PATH). Keys are the long options with",
        "# underscores; an option on the command line overrides its key. Commented keys show the",
        "# default. See README, \"Options\" and \"Config files\".", ""]

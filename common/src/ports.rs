@@ -63,6 +63,11 @@ impl PortSet {
             .sum()
     }
 
+    /// The ranges, as given.
+    pub fn ranges(&self) -> &[RangeInclusive<u16>] {
+        &self.0
+    }
+
     /// Whether the set is empty (it never is once parsed).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

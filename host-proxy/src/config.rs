@@ -38,6 +38,16 @@ pub struct Config {
     #[arg(long = "publish-udp", value_name = "SPEC")]
     pub publish_udp: Vec<Publish>,
 
+    /// Forward every TCP connection arriving on these ports to the same port in the enclave,
+    /// through one listener and an nftables table of host-proxy's own: `[IFACE:]RANGE[,RANGE...]`,
+    /// for example `eth0:80,443,1024-61439`. Repeatable. Ports outside stay the parent's own.
+    #[arg(long = "publish-transparent", value_name = "[IFACE:]PORTS")]
+    pub publish_transparent: Vec<crate::transparent::Transparent>,
+
+    /// The one port the transparent ranges are redirected to; it must lie outside them.
+    #[arg(long, value_name = "PORT", default_value = "61440")]
+    pub transparent_port: u16,
+
     /// The most UDP ingress flows at once; past it a new client's datagrams are dropped and
     /// counted.
     #[arg(long, value_name = "N", default_value = "1024", value_parser = parse_cap)]
@@ -154,6 +164,41 @@ impl Config {
                 }
             }
         }
+        for (i, t) in self.publish_transparent.iter().enumerate() {
+            let at = origin.of("publish-transparent", i);
+            if t.ports.contains(self.transparent_port) {
+                return Err(format!(
+                    "--publish-transparent {t} ({at}) covers --transparent-port {}, which its \
+                     connections are redirected to",
+                    self.transparent_port
+                ));
+            }
+            for (j, p) in self.publish.iter().enumerate() {
+                if let Some(port) = p
+                    .pairs()
+                    .map(|(a, _)| a.port())
+                    .find(|&h| t.ports.contains(h))
+                {
+                    return Err(format!(
+                        "--publish-transparent {t} ({at}) and --publish {p} ({}) overlap at port \
+                         {port}: a host port can be published only once",
+                        origin.of("publish", j)
+                    ));
+                }
+            }
+        }
+        if self
+            .publish
+            .iter()
+            .flat_map(|p| p.pairs())
+            .any(|(a, _)| a.port() == self.transparent_port)
+            && !self.publish_transparent.is_empty()
+        {
+            return Err(format!(
+                "--transparent-port {} is also a --publish port",
+                self.transparent_port
+            ));
+        }
         Ok(())
     }
 }
@@ -185,6 +230,29 @@ fn parse_deny(s: &str) -> Result<Rule, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_publishes_are_refused_with_where_they_came_from() {
+        let check = |args: &[&str]| {
+            let mut all = vec!["host-proxy", "--enclave", "unix:/x"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all)
+                .unwrap()
+                .check(&common::config_file::Origin::default())
+        };
+        assert!(check(&["-p", "8080:80", "-p", "9000-9010:9000-9010"]).is_ok());
+        let e = check(&["-p", "8080:80", "-p", "8000-8100:8000-8100"]).unwrap_err();
+        assert!(e.contains("8080:80") && e.contains("8000-8100") && e.contains("the command line"));
+        assert!(
+            check(&["--publish-udp", "53", "-p", "53"]).is_ok(),
+            "TCP and UDP apart"
+        );
+        let e = check(&["-p", "8080:80", "--publish-transparent", "eth0:8000-8100"]).unwrap_err();
+        assert!(e.contains("port 8080"), "{e}");
+        let e = check(&["--publish-transparent", "1024-65535"]).unwrap_err();
+        assert!(e.contains("--transparent-port 61440"), "{e}");
+        assert!(check(&["--publish-transparent", "eth0:80,443,1024-61439"]).is_ok());
+    }
 
     /// config/host-proxy.example.toml has a key for every option, and loads, with every value
     /// it shows live too; its publishes do not overlap.

@@ -23,9 +23,30 @@ use crate::limits::IngressPermit;
 use crate::splice::{pump, reset};
 use crate::Shared;
 
-/// Accepts clients on one published port until the task is cancelled.
-pub async fn serve(listener: TcpListener, enclave_port: u16, shared: Arc<Shared>) {
+/// Which enclave port a listener's clients reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnclavePort {
+    /// This one (`--publish`).
+    Fixed(u16),
+    /// The port the client dialled before nftables redirected it (`--publish-transparent`).
+    Original,
+}
+
+/// Accepts clients on one published listener until the task is cancelled.
+pub async fn serve(listener: TcpListener, port: EnclavePort, shared: Arc<Shared>) {
     common::serve::accept_loop(listener, "ingress", |tcp, peer, id| {
+        let enclave_port = match port {
+            EnclavePort::Fixed(p) => p,
+            EnclavePort::Original => match crate::transparent::original_dst(&tcp) {
+                Ok(dst) => dst.port(),
+                Err(e) => {
+                    debug!(%peer, "no original destination (not redirected?): {e}; reset");
+                    Counters::bump(&shared.counters.failed);
+                    reset(&tcp);
+                    return;
+                }
+            },
+        };
         let span =
             info_span!("ingress", conn.id = id, tcp.peer = %peer, enclave.port = enclave_port);
         tokio::spawn(handle(tcp, enclave_port, shared.clone(), span));

@@ -18,9 +18,10 @@ pub mod policy;
 pub mod publish;
 pub mod reload;
 pub mod splice;
+pub mod transparent;
 pub mod udp;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +81,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The nftables table for the transparent ranges could not be installed.
+    #[error("cannot install the nftables table for --publish-transparent: {0}")]
+    Nftables(String),
     /// The metrics address could not be bound.
     #[error("cannot listen for metrics on {addr}: {source}")]
     Metrics {
@@ -153,6 +157,33 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         );
         tasks.spawn(metrics::serve(listener, Arc::new(registry)));
     }
+    // Last before ready: nothing that can fail comes after the table is in place.
+    let transparent = !shared.config.publish_transparent.is_empty();
+    if transparent {
+        // The listener first, so no redirected connection finds the port closed.
+        let addr = SocketAddr::from((
+            std::net::Ipv4Addr::UNSPECIFIED,
+            shared.config.transparent_port,
+        ));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Publish { addr, source })?;
+        tasks.spawn(ingress::serve(
+            listener,
+            ingress::EnclavePort::Original,
+            shared.clone(),
+        ));
+        transparent::install(
+            &shared.config.publish_transparent,
+            shared.config.transparent_port,
+        )
+        .map_err(StartError::Nftables)?;
+        info!(
+            table = transparent::TABLE,
+            ranges = ?shared.config.publish_transparent.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "nftables table installed"
+        );
+    }
 
     info!(
         listen = %shared.config.listen,
@@ -173,6 +204,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
     }
     common::telemetry::notify_stopping();
+    if transparent {
+        match transparent::remove() {
+            Ok(()) => info!(table = transparent::TABLE, "nftables table removed"),
+            Err(e) => warn!(
+                table = transparent::TABLE,
+                "cannot remove the nftables table: {e}"
+            ),
+        }
+    }
     served.stop();
     tasks.shutdown().await;
     shared.counters.log("host-proxy");

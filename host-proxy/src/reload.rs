@@ -124,7 +124,11 @@ async fn bind(
         tokio::spawn(udp::serve_published(socket, enclave_port, shared.clone()))
     } else {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
-        tokio::spawn(ingress::serve(listener, enclave_port, shared.clone()))
+        tokio::spawn(ingress::serve(
+            listener,
+            ingress::EnclavePort::Fixed(enclave_port),
+            shared.clone(),
+        ))
     })
 }
 
