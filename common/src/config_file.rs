@@ -115,7 +115,8 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
 
 /// Whether the command line sets the option `long` (or its short form).
 fn on_command_line(args: &[OsString], long: &str, short: Option<char>) -> bool {
-    args.iter().skip(1).map(|a| a.to_string_lossy()).any(|a| {
+    let options = args.iter().skip(1).take_while(|a| *a != "--");
+    options.map(|a| a.to_string_lossy()).any(|a| {
         a == format!("--{long}")
             || a.starts_with(&format!("--{long}="))
             || short.is_some_and(|s| a.starts_with(&format!("-{s}")) && !a.starts_with("--"))

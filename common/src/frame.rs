@@ -495,7 +495,8 @@ impl Block {
     }
 
     fn give_back(self) {
-        POOL.with(|p| {
+        // During thread teardown the pool may be gone already: the block is simply freed.
+        let _ = POOL.try_with(|p| {
             let mut pool = p.borrow_mut();
             if pool.len() < POOL_BLOCKS {
                 pool.push(self.buf);

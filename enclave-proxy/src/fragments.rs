@@ -38,20 +38,25 @@ struct Key {
     ident: u16,
 }
 
-/// A datagram in progress: its payload so far and which byte ranges have arrived.
+/// A datagram in progress: the pieces that have arrived, kept as they came (joined only once
+/// complete, so a lone fragment far into a datagram costs its own bytes, not the 64 KiB before
+/// it).
 #[derive(Debug)]
 struct Partial {
     started: Instant,
-    payload: Vec<u8>,
-    /// The ranges received, `(start, end)`, never overlapping.
-    ranges: Vec<(usize, usize)>,
+    /// `(start, bytes)`, never overlapping.
+    pieces: Vec<(usize, Vec<u8>)>,
     /// The payload's length, once the last fragment has come.
     len: Option<usize>,
 }
 
 impl Partial {
     fn received(&self) -> usize {
-        self.ranges.iter().map(|(s, e)| e - s).sum()
+        self.pieces.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    fn ranges(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.pieces.iter().map(|(s, b)| (*s, s + b.len()))
     }
 }
 
@@ -127,27 +132,22 @@ impl Reassembly {
         }
         let partial = self.pending.entry(key).or_insert_with(|| Partial {
             started: now,
-            payload: Vec::new(),
-            ranges: Vec::new(),
+            pieces: Vec::new(),
             len: None,
         });
-        let overlaps = partial.ranges.iter().any(|&(s, e)| start < e && s < end);
+        let overlaps = partial.ranges().any(|(s, e)| start < e && s < end);
         let beyond = partial
             .len
             .is_some_and(|len| end > len || last && end != len);
-        let short = last && partial.ranges.iter().any(|&(_, e)| e > end);
-        if overlaps || beyond || short || partial.ranges.len() == MAX_FRAGMENTS {
+        let short = last && partial.ranges().any(|(_, e)| e > end);
+        if overlaps || beyond || short || partial.pieces.len() == MAX_FRAGMENTS {
             self.pending.remove(&key);
             return Outcome::Dropped("fragments overlap, disagree on the length or are too many");
         }
         if last {
             partial.len = Some(end);
         }
-        if partial.payload.len() < end {
-            partial.payload.resize(end, 0);
-        }
-        partial.payload[start..end].copy_from_slice(data);
-        partial.ranges.push((start, end));
+        partial.pieces.push((start, data.to_vec()));
         if partial.len != Some(partial.received()) {
             return if evicted {
                 Outcome::Dropped("too many datagrams in reassembly: the oldest was dropped")
@@ -158,11 +158,16 @@ impl Reassembly {
         let Some(partial) = self.pending.remove(&key) else {
             return Outcome::Kept;
         };
+        // Complete: the pieces cover 0..len without overlap.
+        let mut payload = vec![0u8; partial.len.unwrap_or(0)];
+        for (start, bytes) in &partial.pieces {
+            payload[*start..start + bytes.len()].copy_from_slice(bytes);
+        }
         Outcome::Whole(Whole {
             src: key.src,
             dst: key.dst,
             protocol: key.protocol.into(),
-            payload: partial.payload,
+            payload,
         })
     }
 }
@@ -383,7 +388,7 @@ mod tests {
                 }
                 proptest::prop_assert!(r.pending() <= MAX_PENDING);
                 for p in r.pending.values() {
-                    proptest::prop_assert!(p.ranges.len() <= MAX_FRAGMENTS);
+                    proptest::prop_assert!(p.pieces.len() <= MAX_FRAGMENTS);
                 }
             }
         }

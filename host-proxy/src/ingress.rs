@@ -38,7 +38,23 @@ pub async fn serve(listener: TcpListener, port: EnclavePort, shared: Arc<Shared>
         let enclave_port = match port {
             EnclavePort::Fixed(p) => p,
             EnclavePort::Original => match crate::transparent::original_dst(&tcp) {
-                Ok(dst) => dst.port(),
+                // Only a port of a range: a client that dialled the listener itself (or came by
+                // another NAT) must not reach an enclave port nobody published.
+                Ok(dst)
+                    if shared
+                        .config
+                        .publish_transparent
+                        .iter()
+                        .any(|t| t.ports.contains(dst.port())) =>
+                {
+                    dst.port()
+                }
+                Ok(dst) => {
+                    debug!(%peer, %dst, "not to a transparent range; reset");
+                    Counters::bump(&shared.counters.denied);
+                    reset(&tcp);
+                    return;
+                }
                 Err(e) => {
                     debug!(%peer, "no original destination (not redirected?): {e}; reset");
                     Counters::bump(&shared.counters.failed);

@@ -235,9 +235,14 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    // A scraper that stops reading gives its slot back after the same bound.
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .unwrap_or(Ok(()))
 }
 
 #[cfg(test)]

@@ -120,7 +120,18 @@ async fn bind(
 ) -> Result<JoinHandle<()>, StartError> {
     let failed = |source| StartError::Publish { addr, source };
     Ok(if is_udp {
-        let socket = tokio::net::UdpSocket::bind(addr).await.map_err(failed)?;
+        // A UDP publish that changed on reload: its old flows hold the socket until they have
+        // finished (their queue closed with the old task, then up to 1 s of linger).
+        let mut tries = 0;
+        let socket = loop {
+            match tokio::net::UdpSocket::bind(addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 30 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                r => break r.map_err(failed)?,
+            }
+        };
         tokio::spawn(udp::serve_published(socket, enclave_port, shared.clone()))
     } else {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
@@ -162,9 +173,9 @@ pub async fn reload(served: &mut Served, shared: &Arc<Shared>) {
 
 /// The configuration as it loads now, checked.
 fn load_again(running: &Config) -> Result<Config, String> {
-    let (config, origin) = common::config_file::try_parse::<Config>(std::env::args_os().collect())
-        .map_err(|e| e.to_string())?;
-    config.check(&origin)?;
+    let (mut config, origin) =
+        common::config_file::try_parse::<Config>(std::env::args_os().collect())
+            .map_err(|e| e.to_string())?;
     let mut rest = config.clone();
     rest.publish.clone_from(&running.publish);
     rest.publish_udp.clone_from(&running.publish_udp);
@@ -176,5 +187,11 @@ fn load_again(running: &Config) -> Result<Config, String> {
              allow and deny; those apply at the next restart"
         );
     }
+    // The transparent ranges in force are the ones installed at start: check against them.
+    config
+        .publish_transparent
+        .clone_from(&running.publish_transparent);
+    config.transparent_port = running.transparent_port;
+    config.check(&origin)?;
     Ok(config)
 }
