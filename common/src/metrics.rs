@@ -5,23 +5,59 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Which way a connection (or UDP flow) goes: into the enclave, from a client of a published
+/// port, or out of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Into the enclave.
+    Ingress,
+    /// Out of the enclave.
+    Egress,
+}
+
+impl Direction {
+    /// `ingress` or `egress`, as in logs and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// A count kept per direction.
+#[derive(Debug, Default)]
+pub struct PerDirection([AtomicU64; 2]);
+
+impl PerDirection {
+    /// The count for `direction`.
+    pub fn at(&self, direction: Direction) -> &AtomicU64 {
+        &self.0[direction as usize]
+    }
+
+    /// Both directions together.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
 /// Counters for one daemon.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Connections that reached the `ok` status.
-    pub opened: AtomicU64,
+    pub opened: PerDirection,
     /// Connections the destination refused.
-    pub refused: AtomicU64,
+    pub refused: PerDirection,
     /// Connections policy denied.
-    pub denied: AtomicU64,
+    pub denied: PerDirection,
     /// Connections that failed otherwise (unreachable, timed out, bad request, link down).
-    pub failed: AtomicU64,
+    pub failed: PerDirection,
     /// Connections turned away by a cap (total, per client or per destination).
-    pub capped: AtomicU64,
+    pub capped: PerDirection,
     /// Connections that ended with an error or reset rather than two clean closes.
-    pub reset: AtomicU64,
+    pub reset: PerDirection,
     /// Connections closed because they were idle too long.
-    pub idle_closed: AtomicU64,
+    pub idle_closed: PerDirection,
     /// Payload bytes carried client->enclave (ingress) or world->enclave (egress replies).
     pub bytes_to_enclave: AtomicU64,
     /// Payload bytes carried enclave->client or enclave->world.
@@ -55,14 +91,17 @@ impl Counters {
         counter.fetch_add(1, Relaxed);
     }
 
-    /// Counts a connection that ended with a failure `status`.
-    pub fn failure(&self, status: crate::wire::Status) {
+    /// Counts a connection going `direction` that ended with a failure `status`.
+    pub fn failure(&self, status: crate::wire::Status, direction: Direction) {
         use crate::wire::Status;
-        Self::bump(match status {
-            Status::Refused => &self.refused,
-            Status::Denied => &self.denied,
-            _ => &self.failed,
-        });
+        Self::bump(
+            match status {
+                Status::Refused => &self.refused,
+                Status::Denied => &self.denied,
+                _ => &self.failed,
+            }
+            .at(direction),
+        );
     }
 
     /// Counts one live connection in `gauge` until the returned guard drops.
@@ -74,13 +113,13 @@ impl Counters {
     /// Logs every counter on one line.
     pub fn log(&self, who: &str) {
         tracing::info!(
-            opened = self.opened.load(Relaxed),
-            refused = self.refused.load(Relaxed),
-            denied = self.denied.load(Relaxed),
-            failed = self.failed.load(Relaxed),
-            capped = self.capped.load(Relaxed),
-            reset = self.reset.load(Relaxed),
-            idle_closed = self.idle_closed.load(Relaxed),
+            opened = self.opened.total(),
+            refused = self.refused.total(),
+            denied = self.denied.total(),
+            failed = self.failed.total(),
+            capped = self.capped.total(),
+            reset = self.reset.total(),
+            idle_closed = self.idle_closed.total(),
             bytes.to_enclave = self.bytes_to_enclave.load(Relaxed),
             bytes.from_enclave = self.bytes_from_enclave.load(Relaxed),
             live.ingress = self.live_ingress.load(Relaxed),

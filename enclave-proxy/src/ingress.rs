@@ -41,7 +41,7 @@ pub async fn serve(
         let span = info_span!("ingress", conn.id = id, link.peer = %peer);
         let Ok(permit) = admitting.clone().try_acquire_owned() else {
             debug!(parent: &span, "too many ingress streams being set up; closing this one");
-            counters.failure(Status::Unreachable);
+            counters.failure(Status::Unreachable, common::metrics::Direction::Ingress);
             return;
         };
         let task = admit(
@@ -78,7 +78,7 @@ async fn admit(
         Ok(h) => h,
         Err(e) => {
             debug!("dropping ingress stream: {e}");
-            counters.failure(Status::BadRequest);
+            counters.failure(Status::BadRequest, common::metrics::Direction::Ingress);
             let _ = write_status(&mut link, Status::BadRequest).await;
             return;
         }
@@ -87,7 +87,7 @@ async fn admit(
     span.record("tcp.peer", tracing::field::display(header.src));
     if !matches!(header.kind, Kind::TcpIngress | Kind::UdpIngress) {
         debug!(kind = ?header.kind, "dropping stream: not an ingress request");
-        counters.failure(Status::BadRequest);
+        counters.failure(Status::BadRequest, common::metrics::Direction::Ingress);
         let _ = write_status(&mut link, Status::BadRequest).await;
         return;
     }
@@ -98,7 +98,7 @@ async fn admit(
         .is_some_and(|set| !set.contains(port))
     {
         debug!(client = %header.src, port, "denied: port is not in --expose");
-        counters.failure(Status::Denied);
+        counters.failure(Status::Denied, common::metrics::Direction::Ingress);
         let _ = write_status(&mut link, Status::Denied).await;
         return;
     }

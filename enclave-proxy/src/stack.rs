@@ -619,7 +619,7 @@ impl Stack {
         if let Some(why) = why {
             // Fail the application's connect() at once rather than drop its SYN.
             debug!(parent: &span, "{why}; failing the connect");
-            Counters::bump(&self.counters.capped);
+            Counters::bump(self.counters.capped.at(common::metrics::Direction::Egress));
             self.flows.remove(&held.key);
             self.fail_syn(held.frame, Status::Unreachable, now);
             return;
@@ -668,7 +668,8 @@ impl Stack {
             Ok(link) => link,
             Err(status) => {
                 debug!(parent: &span, "egress failed: {status}");
-                self.counters.failure(status);
+                self.counters
+                    .failure(status, common::metrics::Direction::Egress);
                 self.flows.remove(&key);
                 self.fail_syn(held.frame, status, now);
                 return;
@@ -695,7 +696,7 @@ impl Stack {
             self.flows.remove(&key);
             return;
         }
-        Counters::bump(&self.counters.opened);
+        Counters::bump(self.counters.opened.at(common::metrics::Direction::Egress));
         debug!(parent: &span, "destination connected; completing the enclave handshake");
         self.add_conn(id, link, key, Kind::TcpEgress, span, now);
     }
@@ -730,12 +731,12 @@ impl Stack {
         let (tap_addr, _) = self.settings.address;
         let remote = IpEndpoint::new(IpAddress::Ipv4(tap_addr), header.dst.port());
         let refuse = |link: Stream, status: Status, counters: &Counters| {
-            counters.failure(status);
+            counters.failure(status, common::metrics::Direction::Ingress);
             crate::ingress::refuse(link, status, span.clone());
         };
         if self.ingress_live >= self.settings.max_ingress {
             debug!(parent: &span, "ingress connection cap reached, refusing");
-            Counters::bump(&self.counters.capped);
+            Counters::bump(self.counters.capped.at(common::metrics::Direction::Ingress));
             return refuse(link, Status::Unreachable, &self.counters);
         }
         let Some(source) = self.ingress_source(header.src, routed, remote) else {
@@ -829,7 +830,7 @@ impl Stack {
             && entry.conn.kind == Kind::TcpIngress
             && !matches!(entry.conn.state, ConnState::Connecting { .. })
         {
-            Counters::bump(&self.counters.opened);
+            Counters::bump(self.counters.opened.at(common::metrics::Direction::Ingress));
         }
         if outcome == Outcome::Keep {
             socket.register_recv_waker(&entry.conn.waker);
@@ -846,12 +847,13 @@ impl Stack {
                 debug!(parent: &span, bytes.to_enclave = conn.to_app, bytes.from_enclave = conn.from_app, "connection closed")
             }
             Outcome::Reset => {
-                Counters::bump(&self.counters.reset);
+                Counters::bump(self.counters.reset.at(direction_of(conn.kind)));
                 debug!(parent: &span, bytes.to_enclave = conn.to_app, bytes.from_enclave = conn.from_app, "connection reset")
             }
             Outcome::Refuse(status) => {
                 debug!(parent: &span, "enclave answered {status}");
-                self.counters.failure(status);
+                self.counters
+                    .failure(status, common::metrics::Direction::Ingress);
                 crate::ingress::refuse(conn.link, status, span);
                 self.shards.remove_later(handle);
                 self.flows.remove(&conn.key);
@@ -923,6 +925,15 @@ fn ipv4_of(ip: IpAddr) -> Option<Ipv4Addr> {
     match ip {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    }
+}
+
+/// Which way a connection of `kind` goes, for the counters.
+fn direction_of(kind: Kind) -> common::metrics::Direction {
+    if kind == Kind::TcpIngress {
+        common::metrics::Direction::Ingress
+    } else {
+        common::metrics::Direction::Egress
     }
 }
 

@@ -376,7 +376,7 @@ impl Flows {
 
     fn refuse(&self, mut link: common::transport::Stream, why: &str) {
         debug!("UDP ingress stream refused: {why}");
-        Counters::bump(&self.counters.capped);
+        Counters::bump(self.counters.capped.at(common::metrics::Direction::Ingress));
         tokio::spawn(async move {
             let _ =
                 common::handshake::write_status(&mut link, common::wire::Status::Unreachable).await;
@@ -443,7 +443,7 @@ async fn run(
         }
         Err(status) => {
             debug!("no stream for the flow: {status}");
-            counters.failure(status);
+            counters.failure(status, common::metrics::Direction::Egress);
             Counters::bump(dropped);
         }
     }

@@ -187,7 +187,12 @@ pub async fn serve_udp(mut link: Stream, shared: Arc<Shared>) {
     if write_status(&mut link, Status::Ok).await.is_err() {
         return;
     }
-    Counters::bump(&shared.counters.opened);
+    Counters::bump(
+        shared
+            .counters
+            .opened
+            .at(common::metrics::Direction::Egress),
+    );
     let mut link = DatagramLink::new(link);
     let mut pending = tokio::task::JoinSet::new();
     loop {

@@ -50,7 +50,8 @@ async fn handle(mut link: Stream, shared: Arc<Shared>, span: Span) {
         SetUp::Done => return,
     };
     let idle = shared.config.idle_timeout;
-    crate::splice::pump(&mut tcp, &mut link, &shared.counters, idle, &span).await;
+    let egress = common::metrics::Direction::Egress;
+    crate::splice::pump(&mut tcp, &mut link, &shared.counters, egress, idle, &span).await;
     // Both sockets close before the slot is given back.
     drop((tcp, link));
 }
@@ -76,7 +77,12 @@ async fn set_up<'a>(link: &mut Stream, shared: &'a Shared) -> SetUp<'a> {
         Err(cap) => {
             // The enclave application's connect() fails at once rather than waiting.
             debug!("{cap}, refusing egress stream");
-            Counters::bump(&shared.counters.capped);
+            Counters::bump(
+                shared
+                    .counters
+                    .capped
+                    .at(common::metrics::Direction::Egress),
+            );
             let _ = write_status(link, Status::Unreachable).await;
             return SetUp::Done;
         }
@@ -86,7 +92,12 @@ async fn set_up<'a>(link: &mut Stream, shared: &'a Shared) -> SetUp<'a> {
         Ok(h) => h,
         Err(e) => {
             common::warn_limited!("dropping egress stream: {e}");
-            Counters::bump(&shared.counters.failed);
+            Counters::bump(
+                shared
+                    .counters
+                    .failed
+                    .at(common::metrics::Direction::Egress),
+            );
             let _ = write_status(link, Status::BadRequest).await;
             return SetUp::Done;
         }
@@ -98,7 +109,12 @@ async fn set_up<'a>(link: &mut Stream, shared: &'a Shared) -> SetUp<'a> {
         Kind::UdpEgress => return SetUp::Udp(permit, live, header.dst),
         Kind::TcpIngress | Kind::UdpIngress => {
             common::warn_limited!(kind = ?header.kind, "dropping stream: not an egress request");
-            Counters::bump(&shared.counters.failed);
+            Counters::bump(
+                shared
+                    .counters
+                    .failed
+                    .at(common::metrics::Direction::Egress),
+            );
             let _ = write_status(link, Status::BadRequest).await;
             return SetUp::Done;
         }
@@ -129,7 +145,9 @@ async fn open(link: &mut Stream, dst: SocketAddr, dns: bool, shared: &Shared) ->
     let tcp = match connected {
         Ok(tcp) => tcp,
         Err(status) => {
-            shared.counters.failure(status);
+            shared
+                .counters
+                .failure(status, common::metrics::Direction::Egress);
             let _ = write_status(link, status).await;
             return None;
         }
@@ -138,7 +156,12 @@ async fn open(link: &mut Stream, dst: SocketAddr, dns: bool, shared: &Shared) ->
         debug!("enclave went away before the status: {e}");
         return None;
     }
-    Counters::bump(&shared.counters.opened);
+    Counters::bump(
+        shared
+            .counters
+            .opened
+            .at(common::metrics::Direction::Egress),
+    );
     Some(tcp)
 }
 

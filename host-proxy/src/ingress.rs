@@ -51,13 +51,23 @@ pub async fn serve(listener: TcpListener, port: EnclavePort, shared: Arc<Shared>
                 }
                 Ok(dst) => {
                     debug!(%peer, %dst, "not to a transparent range; reset");
-                    Counters::bump(&shared.counters.denied);
+                    Counters::bump(
+                        shared
+                            .counters
+                            .denied
+                            .at(common::metrics::Direction::Ingress),
+                    );
                     reset(&tcp);
                     return;
                 }
                 Err(e) => {
                     debug!(%peer, "no original destination (not redirected?): {e}; reset");
-                    Counters::bump(&shared.counters.failed);
+                    Counters::bump(
+                        shared
+                            .counters
+                            .failed
+                            .at(common::metrics::Direction::Ingress),
+                    );
                     reset(&tcp);
                     return;
                 }
@@ -81,7 +91,8 @@ async fn handle(tcp: TcpStream, enclave_port: u16, shared: Arc<Shared>, span: Sp
     };
     let span = info_span!(parent: &span, "splice");
     let idle = shared.config.idle_timeout;
-    pump(&mut tcp, &mut link, &shared.counters, idle, &span).await;
+    let ingress = common::metrics::Direction::Ingress;
+    pump(&mut tcp, &mut link, &shared.counters, ingress, idle, &span).await;
 }
 
 /// Admits the client under the caps and opens its stream to the enclave; `None` once the client
@@ -98,7 +109,12 @@ async fn set_up(
         Ok(permit) => permit,
         Err(cap) => {
             debug!("{cap}, resetting client");
-            Counters::bump(&shared.counters.capped);
+            Counters::bump(
+                shared
+                    .counters
+                    .capped
+                    .at(common::metrics::Direction::Ingress),
+            );
             reset(&tcp);
             return None;
         }
@@ -130,7 +146,12 @@ async fn open(
         reset(tcp);
         return None;
     };
-    Counters::bump(&shared.counters.opened);
+    Counters::bump(
+        shared
+            .counters
+            .opened
+            .at(common::metrics::Direction::Ingress),
+    );
     Some(link)
 }
 
@@ -143,18 +164,33 @@ pub async fn open_stream(header: &Header, shared: &Shared) -> Option<Stream> {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => {
             common::warn_limited!(%enclave, "enclave unreachable, dropping the client: {e}");
-            Counters::bump(&shared.counters.failed);
+            Counters::bump(
+                shared
+                    .counters
+                    .failed
+                    .at(common::metrics::Direction::Ingress),
+            );
             return None;
         }
         Err(_) => {
             common::warn_limited!(%enclave, "enclave did not accept within {limit:?}, dropping the client");
-            Counters::bump(&shared.counters.failed);
+            Counters::bump(
+                shared
+                    .counters
+                    .failed
+                    .at(common::metrics::Direction::Ingress),
+            );
             return None;
         }
     };
     if let Err(e) = write_header(&mut link, header).await {
         common::warn_limited!(%enclave, "enclave link failed, dropping the client: {e}");
-        Counters::bump(&shared.counters.failed);
+        Counters::bump(
+            shared
+                .counters
+                .failed
+                .at(common::metrics::Direction::Ingress),
+        );
         return None;
     }
     let status_limit = shared.config.connect_timeout + limit;
@@ -162,12 +198,19 @@ pub async fn open_stream(header: &Header, shared: &Shared) -> Option<Stream> {
         Ok(Status::Ok) => Some(link),
         Ok(status) => {
             debug!("enclave answered {status}, dropping the client");
-            shared.counters.failure(status);
+            shared
+                .counters
+                .failure(status, common::metrics::Direction::Ingress);
             None
         }
         Err(e) => {
             common::warn_limited!(%enclave, "no valid status from the enclave, dropping the client: {e}");
-            Counters::bump(&shared.counters.failed);
+            Counters::bump(
+                shared
+                    .counters
+                    .failed
+                    .at(common::metrics::Direction::Ingress),
+            );
             None
         }
     }

@@ -2,9 +2,9 @@
 //! Prometheus project's Rust client; no text is formatted by hand here).
 //!
 //! Every metric carries the label `enclave` (the `--enclave` address). The connection and
-//! datagram counters are read from [`Counters`] at each scrape (a [`Collector`]); where they are
-//! kept per direction (live connections, bytes) the metric has a `direction` label. The
-//! egress connect latency is a histogram.
+//! datagram counters are read from [`Counters`] at each scrape (a [`Collector`]); the connection
+//! counters, live connections and bytes have a `direction` label. The egress connect latency is
+//! a histogram.
 //!
 //! The HTTP side is deliberately small: `GET /metrics` (or `/`) over HTTP/1.x, one request per
 //! connection, a request of at most 8 KiB read within 5 s, anything else answered 404 or 400.
@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::metrics::Counters;
+use common::metrics::{Counters, Direction};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -52,12 +52,8 @@ impl<T: AsRef<Counters> + std::fmt::Debug + Send + Sync + 'static> Collector
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let c = (*self.0).as_ref();
-        let counters = [
-            (
-                "connections_opened",
-                "Connections set up (both directions)",
-                &c.opened,
-            ),
+        let by_direction = [
+            ("connections_opened", "Connections set up", &c.opened),
             (
                 "connections_refused",
                 "Connections the destination refused",
@@ -65,7 +61,7 @@ impl<T: AsRef<Counters> + std::fmt::Debug + Send + Sync + 'static> Collector
             ),
             (
                 "connections_denied",
-                "Egress connections the policy denied",
+                "Connections the policy denied",
                 &c.denied,
             ),
             (
@@ -88,6 +84,15 @@ impl<T: AsRef<Counters> + std::fmt::Debug + Send + Sync + 'static> Collector
                 "Connections and flows closed for idleness",
                 &c.idle_closed,
             ),
+        ];
+        for (name, help, value) in by_direction {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for direction in [Direction::Ingress, Direction::Egress] {
+                ConstCounter::new(value.at(direction).load(Relaxed))
+                    .encode(family.encode_family(&[("direction", direction.label())])?)?;
+            }
+        }
+        let counters = [
             (
                 "dns_queries",
                 "DNS queries from the enclave forwarded to a resolver",
@@ -261,7 +266,7 @@ mod tests {
     #[test]
     fn counters_and_the_histogram_are_exposed_with_their_labels() {
         let shared = Arc::new(Fake::default());
-        Counters::bump(&shared.0.opened);
+        Counters::bump(shared.0.opened.at(Direction::Egress));
         shared
             .0
             .bytes_from_enclave
@@ -270,7 +275,8 @@ mod tests {
         observed.egress_connect.observe(0.003);
         let text = render(&registry(shared, &observed, "vsock:16:5000"));
         for want in [
-            "enclave_net_connections_opened_total{enclave=\"vsock:16:5000\"} 1",
+            "enclave_net_connections_opened_total{enclave=\"vsock:16:5000\",direction=\"egress\"} 1",
+            "enclave_net_connections_opened_total{enclave=\"vsock:16:5000\",direction=\"ingress\"} 0",
             "enclave_net_bytes_total{enclave=\"vsock:16:5000\",direction=\"from_enclave\"} 1234",
             "enclave_net_connections_active{enclave=\"vsock:16:5000\",direction=\"ingress\"} 0",
             "enclave_net_egress_connect_seconds_count{enclave=\"vsock:16:5000\"} 1",

@@ -363,6 +363,7 @@ pub async fn pump(
     tcp: &mut TcpStream,
     link: &mut Stream,
     counters: &Counters,
+    direction: common::metrics::Direction,
     idle: Option<Duration>,
     span: &Span,
 ) {
@@ -444,11 +445,14 @@ pub async fn pump(
             )
         }),
         Err(e) => {
-            Counters::bump(if matches!(e, SpliceError::Idle(_)) {
-                &counters.idle_closed
-            } else {
-                &counters.reset
-            });
+            Counters::bump(
+                if matches!(e, SpliceError::Idle(_)) {
+                    &counters.idle_closed
+                } else {
+                    &counters.reset
+                }
+                .at(direction),
+            );
             span.in_scope(|| {
                 debug!(
                     bytes.to_enclave = up.bytes,
@@ -518,7 +522,15 @@ mod tests {
         let task = tokio::spawn(async move {
             let counters = std::sync::Arc::new(Counters::default());
             let link = &mut Stream::unix(ours).unwrap();
-            pump(&mut tcp, link, &counters, idle, &tracing::Span::none()).await;
+            pump(
+                &mut tcp,
+                link,
+                &counters,
+                common::metrics::Direction::Ingress,
+                idle,
+                &tracing::Span::none(),
+            )
+            .await;
             counters
         });
         (client, enclave, task)
@@ -545,7 +557,7 @@ mod tests {
         assert_eq!(read_to_end(&mut client).await.unwrap(), b"answer");
         drop(enclave);
         let counters = task.await.unwrap();
-        assert_eq!(counters.reset.load(Relaxed), 0);
+        assert_eq!(counters.reset.total(), 0);
         assert_eq!(counters.bytes_to_enclave.load(Relaxed), 7);
         assert_eq!(counters.bytes_from_enclave.load(Relaxed), 6);
     }
@@ -561,7 +573,7 @@ mod tests {
         client.read_exact(&mut buf).await.unwrap();
         let err = read_to_end(&mut client).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        assert_eq!(task.await.unwrap().reset.load(Relaxed), 1);
+        assert_eq!(task.await.unwrap().reset.total(), 1);
     }
 
     #[tokio::test]
@@ -572,7 +584,7 @@ mod tests {
             drop(enclave);
             let err = read_to_end(&mut client).await.unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "cut {cut:?}");
-            assert_eq!(task.await.unwrap().reset.load(Relaxed), 1);
+            assert_eq!(task.await.unwrap().reset.total(), 1);
         }
     }
 
@@ -592,7 +604,7 @@ mod tests {
         drop(client);
         let got = read_to_end(&mut enclave).await.unwrap();
         assert_eq!(got, frame::RST);
-        assert_eq!(task.await.unwrap().reset.load(Relaxed), 1);
+        assert_eq!(task.await.unwrap().reset.total(), 1);
     }
 
     #[tokio::test]
@@ -610,7 +622,7 @@ mod tests {
         assert_eq!(got, frame::RST);
         let err = read_to_end(&mut client).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        assert_eq!(task.await.unwrap().idle_closed.load(Relaxed), 1);
+        assert_eq!(task.await.unwrap().idle_closed.total(), 1);
     }
 
     /// Reads the frames the pump has written until none comes for `quiet`: the DATA frames'
@@ -678,7 +690,7 @@ mod tests {
         let mut rest = Vec::new();
         enclave.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, frame::FIN);
-        assert_eq!(task.await.unwrap().reset.load(Relaxed), 0);
+        assert_eq!(task.await.unwrap().reset.total(), 0);
     }
 
     /// What the client cannot take waits in the pump, which keeps reading the link: the
@@ -712,7 +724,7 @@ mod tests {
             "{credits:?}"
         );
         drop(enclave);
-        assert_eq!(task.await.unwrap().reset.load(Relaxed), 1);
+        assert_eq!(task.await.unwrap().reset.total(), 1);
     }
 
     /// A peer that sends beyond the window is broken: the client is reset.
@@ -724,6 +736,6 @@ mod tests {
         let _ = enclave.write_all(&frames).await;
         let err = read_to_end(&mut client).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        assert_eq!(task.await.unwrap().reset.load(Relaxed), 1);
+        assert_eq!(task.await.unwrap().reset.total(), 1);
     }
 }

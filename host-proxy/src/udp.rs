@@ -37,7 +37,9 @@ pub async fn serve(mut link: Stream, dst: SocketAddr, shared: &Shared) {
     let socket = match open(dst, shared).await {
         Ok(socket) => socket,
         Err(status) => {
-            shared.counters.failure(status);
+            shared
+                .counters
+                .failure(status, common::metrics::Direction::Egress);
             let _ = write_status(&mut link, status).await;
             return;
         }
@@ -83,7 +85,7 @@ pub async fn serve(mut link: Stream, dst: SocketAddr, shared: &Shared) {
             },
             () = tokio::time::sleep(idle) => {
                 debug!("UDP flow idle for {idle:?}");
-                Counters::bump(&counters.idle_closed);
+                Counters::bump(counters.idle_closed.at(common::metrics::Direction::Egress));
                 break;
             }
         }
@@ -160,12 +162,22 @@ pub async fn serve_published(socket: UdpSocket, enclave_port: u16, shared: Arc<S
         }
         if flows.map.len() >= shared.config.max_udp_flows {
             debug!(%client, "UDP flow cap reached: datagram dropped");
-            Counters::bump(&shared.counters.capped);
+            Counters::bump(
+                shared
+                    .counters
+                    .capped
+                    .at(common::metrics::Direction::Ingress),
+            );
             continue;
         }
         if flows.of(client.ip()) >= shared.config.max_per_client {
             debug!(%client, "UDP flows of this client at --max-per-client: datagram dropped");
-            Counters::bump(&shared.counters.capped);
+            Counters::bump(
+                shared
+                    .counters
+                    .capped
+                    .at(common::metrics::Direction::Ingress),
+            );
             continue;
         }
         let (queue, rx) = mpsc::channel(FLOW_QUEUE);
@@ -288,7 +300,7 @@ impl IngressFlow {
                 },
                 () = tokio::time::sleep(idle) => {
                     debug!("UDP flow idle for {idle:?}");
-                    Counters::bump(&counters.idle_closed);
+                    Counters::bump(counters.idle_closed.at(common::metrics::Direction::Ingress));
                     break;
                 }
             }
