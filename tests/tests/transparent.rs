@@ -138,12 +138,15 @@ async fn transparent_ranges_forward_every_port_and_leave_other_tables_alone() {
         assert_eq!(read_all(s).await.unwrap().trim(), "parent");
         // The redirect listener itself, dialled directly, leads nowhere: 61440 is no range's.
         serve_peer_addr(topo.enclave.listen(any(61440)));
-        let direct = topo
+        // host-proxy resets it at once, which may already fail the connect itself.
+        let got = match topo
             .client
             .connect(SocketAddr::from((PARENT_IP, 61440)))
             .await
-            .unwrap();
-        let got = read_all(direct).await.unwrap_or_default();
+        {
+            Ok(direct) => read_all(direct).await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
         assert!(got.is_empty(), "reached enclave port 61440: {got:?}");
     })
     .await;
