@@ -160,24 +160,17 @@ pub async fn serve_published(socket: UdpSocket, enclave_port: u16, shared: Arc<S
                 }
             }
         }
-        if flows.map.len() >= shared.config.max_udp_flows {
-            debug!(%client, "UDP flow cap reached: datagram dropped");
-            Counters::bump(
-                shared
-                    .counters
-                    .capped
-                    .at(common::metrics::Direction::Ingress),
-            );
-            continue;
-        }
-        if flows.of(client.ip()) >= shared.config.max_per_client {
-            debug!(%client, "UDP flows of this client at --max-per-client: datagram dropped");
-            Counters::bump(
-                shared
-                    .counters
-                    .capped
-                    .at(common::metrics::Direction::Ingress),
-            );
+        let capped = if flows.map.len() >= shared.config.max_udp_flows {
+            Some("UDP flow cap reached")
+        } else if flows.of(client.ip()) >= shared.config.max_per_client {
+            Some("UDP flows of this client at --max-per-client")
+        } else {
+            None
+        };
+        if let Some(why) = capped {
+            debug!(%client, "{why}: datagram dropped");
+            let capped = &shared.counters.capped;
+            Counters::bump(capped.at(common::metrics::Direction::Ingress));
             continue;
         }
         let (queue, rx) = mpsc::channel(FLOW_QUEUE);
