@@ -568,7 +568,7 @@ impl Stack {
             } => self.start_ingress(header, link, span, routed, now),
             Event::Datagram { flow, payload } => {
                 let tap = &mut self.tap;
-                let sent = crate::udp::reply_frames(
+                let frames = crate::udp::reply_frames(
                     &flow,
                     &payload,
                     self.settings.mtu,
@@ -576,15 +576,17 @@ impl Stack {
                     KERNEL_MAC,
                     |frame| tap.send_raw(frame),
                 );
-                if !sent {
-                    debug!(
-                        ?flow,
-                        len = payload.len(),
-                        "datagram larger than IPv4 allows dropped"
-                    );
-                    Counters::bump(self.datagrams.dropped_counter(&flow));
-                } else if payload.len() + 28 > self.settings.mtu {
-                    Counters::bump(&self.counters.udp_fragmented);
+                match frames {
+                    None => {
+                        debug!(
+                            ?flow,
+                            len = payload.len(),
+                            "datagram larger than IPv4 allows dropped"
+                        );
+                        Counters::bump(self.datagrams.dropped_counter(&flow));
+                    }
+                    Some(n) if n > 1 => Counters::bump(&self.counters.udp_fragmented),
+                    Some(_) => {}
                 }
             }
             Event::FlowEnded { flow, id } => self.datagrams.ended(flow, id),

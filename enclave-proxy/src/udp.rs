@@ -100,8 +100,8 @@ pub fn datagram(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> Option<(UdpFlow, &[
 pub const MAX_UDP_PAYLOAD: usize = 65_535 - IPV4_HEADER - 8;
 
 /// Hands `emit` the Ethernet frames carrying `payload` back from `flow.remote` to `flow.local`,
-/// checksums filled in: one frame, or IPv4 fragments of at most `mtu` bytes each. `false` if
-/// the payload is larger than an IPv4 datagram can carry.
+/// checksums filled in: one frame, or IPv4 fragments of at most `mtu` bytes each. Returns how
+/// many frames; `None` if the payload is larger than an IPv4 datagram can carry.
 pub fn reply_frames(
     flow: &UdpFlow,
     payload: &[u8],
@@ -109,9 +109,9 @@ pub fn reply_frames(
     src_mac: EthernetAddress,
     dst_mac: EthernetAddress,
     mut emit: impl FnMut(&[u8]),
-) -> bool {
+) -> Option<usize> {
     if payload.len() > MAX_UDP_PAYLOAD {
-        return false;
+        return None;
     }
     let udp = UdpRepr {
         src_port: flow.remote.port(),
@@ -154,10 +154,14 @@ pub fn reply_frames(
     let (link, packet) = buf.split_at(eth.buffer_len());
     if packet.len() <= mtu {
         emit(&buf);
-    } else {
-        crate::fragments::fragment(link, packet, mtu, emit);
+        return Some(1);
     }
-    true
+    let mut frames = 0;
+    crate::fragments::fragment(link, packet, mtu, |f| {
+        frames += 1;
+        emit(f);
+    });
+    Some(frames)
 }
 
 /// A live flow: its queue, and which flow task it is (a flow that ended and was opened again is
@@ -533,7 +537,9 @@ mod tests {
     /// The frames [`reply_frames`] emits.
     fn frames(flow: &UdpFlow, payload: &[u8], mtu: usize) -> Option<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        reply_frames(flow, payload, mtu, APP, GW, |f| out.push(f.to_vec())).then_some(out)
+        let n = reply_frames(flow, payload, mtu, APP, GW, |f| out.push(f.to_vec()))?;
+        assert_eq!(n, out.len());
+        Some(out)
     }
 
     fn whole(frame: &[u8]) -> Option<(UdpFlow, &[u8])> {

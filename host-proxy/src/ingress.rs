@@ -37,41 +37,26 @@ pub async fn serve(listener: TcpListener, port: EnclavePort, shared: Arc<Shared>
     common::serve::accept_loop(listener, "ingress", |tcp, peer, id| {
         let enclave_port = match port {
             EnclavePort::Fixed(p) => p,
-            EnclavePort::Original => match crate::transparent::original_dst(&tcp) {
+            EnclavePort::Original => {
+                let dst = crate::transparent::original_dst(&tcp);
                 // Only a port of a range: a client that dialled the listener itself (or came by
                 // another NAT) must not reach an enclave port nobody published.
-                Ok(dst)
-                    if shared
-                        .config
-                        .publish_transparent
-                        .iter()
-                        .any(|t| t.ports.contains(dst.port())) =>
-                {
-                    dst.port()
+                let ranges = &shared.config.publish_transparent;
+                let port = dst.as_ref().ok().map(SocketAddr::port);
+                match port.filter(|&p| ranges.iter().any(|t| t.ports.contains(p))) {
+                    Some(p) => p,
+                    None => {
+                        let (counter, why) = match &dst {
+                            Ok(_) => (&shared.counters.denied, "not to a transparent range"),
+                            Err(_) => (&shared.counters.failed, "no original destination"),
+                        };
+                        debug!(%peer, ?dst, "{why}; reset");
+                        Counters::bump(counter.at(common::metrics::Direction::Ingress));
+                        reset(&tcp);
+                        return;
+                    }
                 }
-                Ok(dst) => {
-                    debug!(%peer, %dst, "not to a transparent range; reset");
-                    Counters::bump(
-                        shared
-                            .counters
-                            .denied
-                            .at(common::metrics::Direction::Ingress),
-                    );
-                    reset(&tcp);
-                    return;
-                }
-                Err(e) => {
-                    debug!(%peer, "no original destination (not redirected?): {e}; reset");
-                    Counters::bump(
-                        shared
-                            .counters
-                            .failed
-                            .at(common::metrics::Direction::Ingress),
-                    );
-                    reset(&tcp);
-                    return;
-                }
-            },
+            }
         };
         let span =
             info_span!("ingress", conn.id = id, tcp.peer = %peer, enclave.port = enclave_port);

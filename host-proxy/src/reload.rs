@@ -93,16 +93,6 @@ impl Served {
         out
     }
 
-    /// How many addresses are published.
-    pub fn len(&self) -> usize {
-        self.tcp.len() + self.udp.len()
-    }
-
-    /// Whether nothing is published.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Stops accepting everywhere.
     pub fn stop(&mut self) {
         for (_, task) in self.tcp.values().chain(self.udp.values()) {
