@@ -39,6 +39,7 @@ examples = {
     'expose': '"80,443,8000-8100"',
     'resolv-conf': '"/etc/resolv.conf"',
     'metrics': '"127.0.0.1:9464"',
+    'name': '"web"',
     'publish-transparent': '["eth0:80,443,10000-20000"]',
 }
 repeatable = {'publish','publish-udp','allow','deny','dns-upstream','publish-transparent'}

@@ -73,26 +73,82 @@ pub fn parse<T: clap::Parser>() -> (T, Origin) {
 
 /// Parses `args` (the program name first) and the config file they name, if any.
 pub fn try_parse<T: clap::Parser>(args: Vec<OsString>) -> Result<(T, Origin), ConfigError> {
+    let mut all = try_parse_sections::<T>(args, &Sections::NONE)?;
+    Ok(all.remove(0))
+}
+
+/// Repeated tables of a config file, each one more instance of a daemon's per-instance options:
+/// host-proxy's `[[enclaves]]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sections<'a> {
+    /// The tables' key (`enclaves`).
+    pub key: &'a str,
+    /// The keys a table may set; every other key is set once, at the top of the file.
+    pub keys: &'a [&'a str],
+}
+
+impl Sections<'_> {
+    /// No sections: a file of top-level keys only.
+    pub const NONE: Sections<'static> = Sections { key: "", keys: &[] };
+}
+
+/// Parses `args` and the config file they name, if any, once per `[[sections.key]]` table of
+/// the file: each parse takes the top of the file, then that table, then the command line.
+/// Without such tables (or a file) the result is the one parse. Where there are tables, the
+/// keys they may set are theirs alone: the top of the file and the command line must not set
+/// them.
+pub fn try_parse_sections<T: clap::Parser>(
+    args: Vec<OsString>,
+    sections: &Sections<'_>,
+) -> Result<Vec<(T, Origin)>, ConfigError> {
     let cmd = T::command();
     let Some(path) = config_path(&args) else {
         let config = T::try_parse_from(args).map_err(ConfigError::Cli)?;
-        return Ok((config, Origin::default()));
+        return Ok(vec![(config, Origin::default())]);
     };
     let text = std::fs::read_to_string(&path)
         .map_err(|e| ConfigError::File(format!("config file {}: {e}", path.display())))?;
-    let file = FileArgs::read(&cmd, &path, &text, &args)?;
-    let mut merged = vec![args[0].clone()];
-    merged.extend(file.args.iter().map(OsString::from));
-    merged.extend(args[1..].iter().cloned());
-    let matches = cmd
-        .try_get_matches_from(merged)
-        .map_err(|e| file.blame(e))?;
-    let config = T::from_arg_matches(&matches).map_err(|e| file.blame(e))?;
-    let origin = Origin {
-        path: Some(path),
-        lines: file.value_lines,
+    let (top, tables) = FileArgs::read(&cmd, &path, &text, &args, sections)?;
+    if !tables.is_empty() {
+        let key = sections.key;
+        for long in sections.keys.iter().map(|k| k.replace('_', "-")) {
+            let short = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long.as_str()))
+                .and_then(clap::Arg::get_short);
+            if on_command_line(&args, &long, short) {
+                return Err(ConfigError::File(format!(
+                    "--{long}: config file {} has [[{key}]] tables, so `{}` is set in each of \
+                     them, not on the command line",
+                    path.display(),
+                    long.replace('-', "_")
+                )));
+            }
+        }
+    }
+    let parts: Vec<FileArgs> = if tables.is_empty() {
+        vec![top]
+    } else {
+        tables.into_iter().map(|t| top.then(t)).collect()
     };
-    Ok((config, origin))
+    parts
+        .into_iter()
+        .map(|file| {
+            let mut merged = vec![args[0].clone()];
+            merged.extend(file.args.iter().map(OsString::from));
+            merged.extend(args[1..].iter().cloned());
+            let matches = cmd
+                .clone()
+                .try_get_matches_from(merged)
+                .map_err(|e| file.blame(e))?;
+            let config = T::from_arg_matches(&matches).map_err(|e| file.blame(e))?;
+            let origin = Origin {
+                path: Some(path.clone()),
+                lines: file.value_lines,
+            };
+            Ok((config, origin))
+        })
+        .collect()
 }
 
 /// The value of `--config` on the command line.
@@ -134,12 +190,14 @@ struct FileArgs {
 }
 
 impl FileArgs {
+    /// Reads the file's top-level keys, and each `[[sections.key]]` table apart.
     fn read(
         cmd: &Command,
         path: &Path,
         text: &str,
         cli: &[OsString],
-    ) -> Result<FileArgs, ConfigError> {
+        sections: &Sections<'_>,
+    ) -> Result<(FileArgs, Vec<FileArgs>), ConfigError> {
         let at = |span: std::ops::Range<usize>| line_of(text, span.start);
         let err = |line: usize, msg: String| {
             ConfigError::File(format!("config file {} line {line}: {msg}", path.display()))
@@ -148,79 +206,172 @@ impl FileArgs {
             let line = e.span().map_or(1, at);
             err(line, e.message().trim().to_string())
         })?;
-        let mut out = FileArgs {
+        let empty = || FileArgs {
             path: path.to_path_buf(),
             args: Vec::new(),
             lines: HashMap::new(),
             value_lines: HashMap::new(),
         };
-        for (key, value) in table.get_ref() {
+        let mut tables = Vec::new();
+        if let Some((key, value)) = table
+            .get_ref()
+            .iter()
+            .find(|(k, _)| !sections.key.is_empty() && k.get_ref() == sections.key)
+        {
             let line = at(key.span());
-            let name = key.get_ref().to_string();
-            let long = name.replace('_', "-");
-            let arg = cmd
-                .get_arguments()
-                .find(|a| a.get_long() == Some(long.as_str()) && a.get_id() != "config");
-            let Some(arg) = arg.filter(|_| !name.contains('-')) else {
-                let hint = if name.contains('-')
-                    && cmd
-                        .get_arguments()
-                        .any(|a| a.get_long() == Some(name.as_str()))
-                {
-                    format!(" (write it `{}`)", name.replace('-', "_"))
-                } else if name == "config" {
-                    " (a config file cannot name another)".to_string()
-                } else {
-                    String::new()
-                };
-                return Err(err(line, format!("unknown key `{name}`{hint}")));
+            let DeValue::Array(items) = value.get_ref() else {
+                let msg = format!("`{}` is a list of tables: write [[{0}]]", sections.key);
+                return Err(err(line, msg));
             };
-            if on_command_line(cli, &long, arg.get_short()) {
+            for item in items {
+                let DeValue::Table(t) = item.get_ref() else {
+                    let msg = format!("`{}` is a list of tables: write [[{0}]]", sections.key);
+                    return Err(err(at(item.span()), msg));
+                };
+                let mut part = empty();
+                for (key, value) in t {
+                    let name = key.get_ref();
+                    if !sections.keys.contains(&name.as_ref()) {
+                        let line = at(key.span());
+                        let msg = format!(
+                            "key `{name}` is not set per [[{}]]: set it once, at the top of the \
+                             file (per table: {})",
+                            sections.key,
+                            sections.keys.join(", ")
+                        );
+                        return Err(
+                            match cmd
+                                .get_arguments()
+                                .any(|a| a.get_long() == Some(name.replace('_', "-").as_str()))
+                            {
+                                true => err(line, msg),
+                                false => err(line, format!("unknown key `{name}`")),
+                            },
+                        );
+                    }
+                    part.add(cmd, text, key, value, &[])?;
+                }
+                tables.push(part);
+            }
+        }
+        let mut top = empty();
+        for (key, value) in table.get_ref() {
+            let name = key.get_ref();
+            if !sections.key.is_empty() && name == sections.key {
                 continue;
             }
-            let values: Vec<&toml::Spanned<DeValue<'_>>> = match value.get_ref() {
-                DeValue::Array(items) => items.iter().collect(),
-                _ => vec![value],
-            };
-            let flag = matches!(arg.get_action(), ArgAction::SetTrue);
-            let many = matches!(arg.get_action(), ArgAction::Append);
-            if matches!(value.get_ref(), DeValue::Array(_)) && !many {
+            if !tables.is_empty() && sections.keys.contains(&name.as_ref()) {
                 return Err(err(
-                    line,
-                    format!("key `{name}` takes one value, not a list"),
+                    at(key.span()),
+                    format!(
+                        "key `{name}` belongs in each [[{}]] table when the file has them",
+                        sections.key
+                    ),
                 ));
             }
-            for v in values {
-                let vline = at(v.span());
-                let text = match v.get_ref() {
-                    DeValue::Boolean(b) if flag => {
-                        if *b {
-                            out.args.push(format!("--{long}"));
-                        }
-                        continue;
-                    }
-                    _ if flag => {
-                        return Err(err(vline, format!("key `{name}` is true or false")));
-                    }
-                    DeValue::String(s) => s.to_string(),
-                    DeValue::Integer(i) => i128::from_str_radix(i.as_str(), i.radix())
-                        .map_err(|e| err(vline, format!("key `{name}`: {e}")))?
-                        .to_string(),
-                    DeValue::Float(f) => f.as_str().to_string(),
-                    DeValue::Boolean(b) => b.to_string(),
-                    DeValue::Datetime(_) | DeValue::Array(_) | DeValue::Table(_) => {
-                        return Err(err(
-                            vline,
-                            format!("key `{name}` takes a string or a number here"),
-                        ));
-                    }
-                };
-                out.args.push(format!("--{long}={text}"));
-                out.value_lines.entry(long.clone()).or_default().push(vline);
-            }
-            out.lines.insert(long, (name, line));
+            top.add(cmd, text, key, value, cli)?;
         }
-        Ok(out)
+        Ok((top, tables))
+    }
+
+    /// `self`'s arguments followed by `more`'s.
+    fn then(&self, more: FileArgs) -> FileArgs {
+        let mut out = FileArgs {
+            path: self.path.clone(),
+            args: self.args.clone(),
+            lines: self.lines.clone(),
+            value_lines: self.value_lines.clone(),
+        };
+        out.args.extend(more.args);
+        out.lines.extend(more.lines);
+        out.value_lines.extend(more.value_lines);
+        out
+    }
+
+    /// Turns one key and its value into arguments, unless the command line `cli` sets it.
+    fn add(
+        &mut self,
+        cmd: &Command,
+        text: &str,
+        key: &toml::Spanned<std::borrow::Cow<'_, str>>,
+        value: &toml::Spanned<DeValue<'_>>,
+        cli: &[OsString],
+    ) -> Result<(), ConfigError> {
+        let at = |span: std::ops::Range<usize>| line_of(text, span.start);
+        let err = |line: usize, msg: String| {
+            ConfigError::File(format!(
+                "config file {} line {line}: {msg}",
+                self.path.display()
+            ))
+        };
+        let line = at(key.span());
+        let name = key.get_ref().to_string();
+        let long = name.replace('_', "-");
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && a.get_id() != "config");
+        let Some(arg) = arg.filter(|_| !name.contains('-')) else {
+            let hint = if name.contains('-')
+                && cmd
+                    .get_arguments()
+                    .any(|a| a.get_long() == Some(name.as_str()))
+            {
+                format!(" (write it `{}`)", name.replace('-', "_"))
+            } else if name == "config" {
+                " (a config file cannot name another)".to_string()
+            } else {
+                String::new()
+            };
+            return Err(err(line, format!("unknown key `{name}`{hint}")));
+        };
+        if on_command_line(cli, &long, arg.get_short()) {
+            return Ok(());
+        }
+        let values: Vec<&toml::Spanned<DeValue<'_>>> = match value.get_ref() {
+            DeValue::Array(items) => items.iter().collect(),
+            _ => vec![value],
+        };
+        let flag = matches!(arg.get_action(), ArgAction::SetTrue);
+        let many = matches!(arg.get_action(), ArgAction::Append);
+        if matches!(value.get_ref(), DeValue::Array(_)) && !many {
+            return Err(err(
+                line,
+                format!("key `{name}` takes one value, not a list"),
+            ));
+        }
+        for v in values {
+            let vline = at(v.span());
+            let text = match v.get_ref() {
+                DeValue::Boolean(b) if flag => {
+                    if *b {
+                        self.args.push(format!("--{long}"));
+                    }
+                    continue;
+                }
+                _ if flag => {
+                    return Err(err(vline, format!("key `{name}` is true or false")));
+                }
+                DeValue::String(s) => s.to_string(),
+                DeValue::Integer(i) => i128::from_str_radix(i.as_str(), i.radix())
+                    .map_err(|e| err(vline, format!("key `{name}`: {e}")))?
+                    .to_string(),
+                DeValue::Float(f) => f.as_str().to_string(),
+                DeValue::Boolean(b) => b.to_string(),
+                DeValue::Datetime(_) | DeValue::Array(_) | DeValue::Table(_) => {
+                    return Err(err(
+                        vline,
+                        format!("key `{name}` takes a string or a number here"),
+                    ));
+                }
+            };
+            self.args.push(format!("--{long}={text}"));
+            self.value_lines
+                .entry(long.clone())
+                .or_default()
+                .push(vline);
+        }
+        self.lines.insert(long, (name, line));
+        Ok(())
     }
 
     /// clap's error, told as the file's when the option it is about came from the file.
@@ -340,6 +491,19 @@ mod tests {
     }
 
     fn run(file: &str, cli: &[&str]) -> Result<Opts, String> {
+        run_sections(file, cli, &Sections::NONE).map(|mut all| all.remove(0))
+    }
+
+    const PER_ENCLAVE: Sections<'static> = Sections {
+        key: "enclaves",
+        keys: &["enclave", "publish"],
+    };
+
+    fn run_sections(
+        file: &str,
+        cli: &[&str],
+        sections: &Sections<'_>,
+    ) -> Result<Vec<Opts>, String> {
         let dir = std::env::temp_dir().join(format!("enet-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -348,8 +512,8 @@ mod tests {
         std::fs::write(&path, file).unwrap();
         let mut args: Vec<OsString> = vec!["daemon".into(), "--config".into(), path.clone().into()];
         args.extend(cli.iter().map(OsString::from));
-        let r = try_parse::<Opts>(args)
-            .map(|(o, _)| o)
+        let r = try_parse_sections::<Opts>(args, sections)
+            .map(|all| all.into_iter().map(|(o, _)| o).collect())
             .map_err(|e| e.to_string().replace(&path.display().to_string(), "F"));
         let _ = std::fs::remove_file(&path);
         r
@@ -443,5 +607,63 @@ mod tests {
             .contains("--enclave"));
         let e = try_parse::<Opts>(vec!["d".into(), "--config=/nonexistent/x.toml".into()]);
         assert!(e.unwrap_err().to_string().contains("/nonexistent/x.toml"));
+    }
+
+    #[test]
+    fn each_table_is_one_more_instance_over_the_shared_keys() {
+        let file = "max_per_client = 7\n\n[[enclaves]]\nenclave = \"unix:/a\"\npublish = [\"80\"]\n\n[[enclaves]]\nenclave = \"unix:/b\"\n";
+        let all = run_sections(file, &["--no-dns"], &PER_ENCLAVE).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            (all[0].enclave.as_str(), all[1].enclave.as_str()),
+            ("unix:/a", "unix:/b")
+        );
+        assert_eq!(all[0].publish, ["80"]);
+        assert!(all[1].publish.is_empty(), "a table's list is its own");
+        assert!(all.iter().all(|o| o.max_per_client == 7 && o.no_dns));
+        // No tables: the file is one instance, per-instance keys at the top as usual.
+        let one = run_sections(
+            "enclave = \"unix:/a\"\npublish = [\"80\"]\n",
+            &[],
+            &PER_ENCLAVE,
+        )
+        .unwrap();
+        assert_eq!((one.len(), one[0].publish.len()), (1, 1));
+        let cases: [(&str, &[&str], &str); 6] = [
+            (
+                "publish = [\"81\"]\n[[enclaves]]\nenclave = \"unix:/a\"\n",
+                &[],
+                "line 1: key `publish` belongs in each [[enclaves]] table",
+            ),
+            (
+                "[[enclaves]]\nenclave = \"unix:/a\"\nmax_per_client = 3\n",
+                &[],
+                "line 3: key `max_per_client` is not set per [[enclaves]]",
+            ),
+            (
+                "[[enclaves]]\nenclave = \"unix:/a\"\nmax_per_clint = 3\n",
+                &[],
+                "line 3: unknown key `max_per_clint`",
+            ),
+            (
+                "[[enclaves]]\nenclave = \"unix:/a\"\n",
+                &["-p", "80"],
+                "--publish: config file F has [[enclaves]] tables",
+            ),
+            (
+                "enclaves = \"x\"\n",
+                &[],
+                "line 1: `enclaves` is a list of tables",
+            ),
+            (
+                "[[enclaves]]\nenclave = \"unix:/a\"\n[[enclaves]]\npublish = [\"x\"]\n",
+                &[],
+                "--enclave",
+            ),
+        ];
+        for (file, cli, want) in cases {
+            let got = run_sections(file, cli, &PER_ENCLAVE).expect_err(file);
+            assert!(got.contains(want), "{file:?}: {got}");
+        }
     }
 }

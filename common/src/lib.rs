@@ -7,6 +7,7 @@
 //!   write cap;
 //! - [`handshake`]: reading and writing those messages on a stream with deadlines;
 //! - [`metrics`]: connection and byte counters;
+//! - [`exposition`]: those counters as Prometheus metrics, and the HTTP responder;
 //! - [`cli`]: command-line value parsers;
 //! - [`ports`]: port lists such as `80,443,8000-8100`;
 //! - [`serve`]: the accept loop shared by every listener;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config_file;
 pub mod datagram;
 pub mod dns;
+pub mod exposition;
 pub mod frame;
 pub mod handshake;
 pub mod metrics;

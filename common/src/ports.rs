@@ -63,6 +63,18 @@ impl PortSet {
             .sum()
     }
 
+    /// The lowest port both sets hold, if any.
+    pub fn common(&self, other: &PortSet) -> Option<u16> {
+        self.0
+            .iter()
+            .flat_map(|a| other.0.iter().map(move |b| (a, b)))
+            .filter_map(|(a, b)| {
+                let lo = *a.start().max(b.start());
+                (lo <= *a.end().min(b.end())).then_some(lo)
+            })
+            .min()
+    }
+
     /// The ranges, as given.
     pub fn ranges(&self) -> &[RangeInclusive<u16>] {
         &self.0
@@ -112,5 +124,8 @@ mod tests {
             Err(PortError::Backwards(_))
         ));
         assert!(matches!("a".parse::<PortSet>(), Err(PortError::Port(_))));
+        let t: PortSet = "1-79,8100,9000".parse().unwrap();
+        assert_eq!(s.common(&t), Some(8100));
+        assert_eq!(t.common(&"81-90".parse().unwrap()), None);
     }
 }

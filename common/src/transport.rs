@@ -303,6 +303,14 @@ impl Stream {
     pub fn unix(s: UnixStream) -> io::Result<Stream> {
         Ok(Stream::Unix(UnixLink::new(s.into_std()?)?))
     }
+
+    /// The vsock peer's context ID (`None` on a Unix socket, or if the kernel cannot say).
+    pub fn peer_cid(&self) -> Option<u32> {
+        match self {
+            Stream::Vsock(s) => s.peer_addr().ok().map(|a| a.cid()),
+            Stream::Unix(_) => None,
+        }
+    }
 }
 
 impl AsyncRead for Stream {

@@ -7,8 +7,11 @@ use clap::Parser;
 use common::telemetry::LogFormat;
 use common::transport::LinkAddr;
 
+use common::config_file::Origin;
+
 use crate::policy::{Action, Rule};
 use crate::publish::Publish;
+use crate::transparent::Transparent;
 
 /// enclave-net's parent-side daemon: publishes ports into the enclave and carries the enclave's
 /// outgoing TCP connections under an egress policy.
@@ -21,11 +24,18 @@ pub struct Config {
     #[arg(long, value_name = "PATH")]
     pub config: Option<std::path::PathBuf>,
 
-    /// Where enclave-proxy accepts ingress streams (vsock:CID:PORT or unix:PATH).
+    /// Where enclave-proxy accepts ingress streams (vsock:CID:PORT or unix:PATH). Several
+    /// enclaves are set in a config file, one `[[enclaves]]` table each (README, "Several
+    /// enclaves").
     #[arg(long, value_name = "ADDR")]
     pub enclave: LinkAddr,
 
-    /// Where to accept egress streams from enclave-proxy.
+    /// The enclave's name in logs and metrics (default: its `--enclave` address).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Where to accept egress streams from enclave-proxy. On vsock, each stream is the
+    /// enclave's whose CID it comes from; a stream from any other CID is refused.
     #[arg(long, value_name = "ADDR", default_value = "vsock:any:5001")]
     pub listen: LinkAddr,
 
@@ -42,7 +52,7 @@ pub struct Config {
     /// through one listener and an nftables table of host-proxy's own: `[IFACE:]RANGE[,RANGE...]`,
     /// for example `eth0:80,443,1024-61439`. Repeatable. Ports outside stay the parent's own.
     #[arg(long = "publish-transparent", value_name = "[IFACE:]PORTS")]
-    pub publish_transparent: Vec<crate::transparent::Transparent>,
+    pub publish_transparent: Vec<Transparent>,
 
     /// The one port the transparent ranges are redirected to; it must lie outside them.
     #[arg(long, value_name = "PORT", default_value = "61440")]
@@ -140,67 +150,158 @@ pub struct Config {
     pub udp_idle_timeout: Duration,
 }
 
+/// The keys one `[[enclaves]]` table of a config file sets; every other key is set once, for
+/// every enclave.
+pub const PER_ENCLAVE: common::config_file::Sections<'static> = common::config_file::Sections {
+    key: "enclaves",
+    keys: &[
+        "name",
+        "enclave",
+        "listen",
+        "publish",
+        "publish_udp",
+        "publish_transparent",
+        "allow",
+        "deny",
+    ],
+};
+
 impl Config {
-    /// Checks what each option alone cannot: no host port is published twice for one protocol.
-    /// `origin` says where each value was set, for the message.
-    pub fn check(&self, origin: &common::config_file::Origin) -> Result<(), String> {
-        for (long, list) in [
-            ("publish", &self.publish),
-            ("publish-udp", &self.publish_udp),
-        ] {
-            for (i, a) in list.iter().enumerate() {
-                if let Some((j, b)) = list
+    /// The enclave's name in logs and metrics: `--name`, else the `--enclave` address.
+    pub fn label(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.enclave.to_string())
+    }
+
+    /// The enclave's vsock context ID, when it is reached over vsock.
+    pub fn cid(&self) -> Option<u32> {
+        match self.enclave {
+            LinkAddr::Vsock { cid, .. } => Some(cid),
+            LinkAddr::Unix(_) => None,
+        }
+    }
+}
+
+/// Checks what each option alone cannot, over every enclave served (one per `[[enclaves]]`
+/// table, or the one): no host port is published twice for one protocol, the transparent ranges
+/// keep clear of each other, of the publishes and of `--transparent-port`, and each enclave's
+/// egress streams can be told apart from the others'. `Origin` says where each value was set, for
+/// the message.
+pub fn check(all: &[(Config, Origin)]) -> Result<(), String> {
+    for long in ["publish", "publish-udp"] {
+        let list: Vec<(&Publish, String)> = all
+            .iter()
+            .flat_map(|(c, origin)| {
+                let specs = if long == "publish" {
+                    &c.publish
+                } else {
+                    &c.publish_udp
+                };
+                specs
                     .iter()
                     .enumerate()
-                    .skip(i + 1)
-                    .find(|(_, b)| a.overlaps(b))
-                {
-                    return Err(format!(
-                        "--{long} {a} ({}) and --{long} {b} ({}) overlap: a host port can be \
-                         published only once",
-                        origin.of(long, i),
-                        origin.of(long, j)
-                    ));
-                }
-            }
-        }
-        for (i, t) in self.publish_transparent.iter().enumerate() {
-            let at = origin.of("publish-transparent", i);
-            if t.ports.contains(self.transparent_port) {
+                    .map(|(i, p)| (p, origin.of(long, i)))
+            })
+            .collect();
+        for (i, (a, at_a)) in list.iter().enumerate() {
+            if let Some((b, at_b)) = list[i + 1..].iter().find(|(b, _)| a.overlaps(b)) {
                 return Err(format!(
-                    "--publish-transparent {t} ({at}) covers --transparent-port {}, which its \
-                     connections are redirected to",
-                    self.transparent_port
+                    "--{long} {a} ({at_a}) and --{long} {b} ({at_b}) overlap: a host port can be \
+                     published only once"
                 ));
             }
-            for (j, p) in self.publish.iter().enumerate() {
-                if let Some(port) = p
-                    .pairs()
-                    .map(|(a, _)| a.port())
-                    .find(|&h| t.ports.contains(h))
-                {
-                    return Err(format!(
-                        "--publish-transparent {t} ({at}) and --publish {p} ({}) overlap at port \
-                         {port}: a host port can be published only once",
-                        origin.of("publish", j)
-                    ));
-                }
-            }
         }
-        if self
-            .publish
-            .iter()
-            .flat_map(|p| p.pairs())
-            .any(|(a, _)| a.port() == self.transparent_port)
-            && !self.publish_transparent.is_empty()
-        {
+    }
+    // Each range with its enclave's index.
+    let transparent: Vec<(usize, &Transparent, String)> = all
+        .iter()
+        .enumerate()
+        .flat_map(|(e, (c, origin))| {
+            c.publish_transparent
+                .iter()
+                .enumerate()
+                .map(move |(i, t)| (e, t, origin.of("publish-transparent", i)))
+        })
+        .collect();
+    let publishes = || {
+        all.iter().flat_map(|(c, origin)| {
+            c.publish
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p, origin.of("publish", i)))
+        })
+    };
+    let to = all[0].0.transparent_port;
+    for (i, (mine, t, at)) in transparent.iter().enumerate() {
+        if t.ports.contains(to) {
             return Err(format!(
-                "--transparent-port {} is also a --publish port",
-                self.transparent_port
+                "--publish-transparent {t} ({at}) covers --transparent-port {to}, which its \
+                 connections are redirected to"
             ));
         }
-        Ok(())
+        for (p, at_p) in publishes() {
+            if let Some(port) = p
+                .pairs()
+                .map(|(a, _)| a.port())
+                .find(|&h| t.ports.contains(h))
+            {
+                return Err(format!(
+                    "--publish-transparent {t} ({at}) and --publish {p} ({at_p}) overlap at port \
+                     {port}: a host port can be published only once"
+                ));
+            }
+        }
+        // Within one enclave two ranges may share ports on different interfaces; across
+        // enclaves a port is one enclave's, as connections are routed by port alone.
+        for (theirs, u, at_u) in &transparent[i + 1..] {
+            if let (Some(port), true) = (t.ports.common(&u.ports), mine != theirs) {
+                return Err(format!(
+                    "--publish-transparent {t} ({at}) and --publish-transparent {u} ({at_u}) \
+                     of another enclave share port {port}: a port's connections go to one enclave"
+                ));
+            }
+        }
     }
+    if !transparent.is_empty() {
+        if let Some((p, at)) = publishes().find(|(p, _)| p.pairs().any(|(a, _)| a.port() == to)) {
+            return Err(format!(
+                "--transparent-port {to} is also published by --publish {p} ({at})"
+            ));
+        }
+    }
+    for (i, (a, at)) in all.iter().enumerate() {
+        for (b, at_b) in &all[i + 1..] {
+            let (la, lb) = (a.label(), b.label());
+            let (at, at_b) = (at.of("enclave", 0), at_b.of("enclave", 0));
+            if la == lb {
+                return Err(format!(
+                    "two enclaves are named {la} ({at} and {at_b}): give each its own `name`"
+                ));
+            }
+            if a.enclave == b.enclave {
+                return Err(format!(
+                    "enclaves {la} and {lb} have the same address {}",
+                    a.enclave
+                ));
+            }
+            if a.listen != b.listen {
+                continue;
+            }
+            let told_apart = matches!(a.listen, LinkAddr::Vsock { .. })
+                && a.cid().zip(b.cid()).is_some_and(|(x, y)| x != y);
+            if !told_apart {
+                return Err(format!(
+                    "enclaves {la} ({at}) and {lb} ({at_b}) both send egress to listen {}: \
+                     streams are told apart by the vsock peer's CID, so a shared listen address \
+                     needs vsock: enclave addresses; with unix: give each enclave its own \
+                     `listen` path",
+                    a.listen
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A cap: a whole number of connections, at least 1.
@@ -236,9 +337,8 @@ mod tests {
         let check = |args: &[&str]| {
             let mut all = vec!["host-proxy", "--enclave", "unix:/x"];
             all.extend_from_slice(args);
-            Config::try_parse_from(all)
-                .unwrap()
-                .check(&common::config_file::Origin::default())
+            let config = Config::try_parse_from(all).unwrap();
+            check(&[(config, Origin::default())])
         };
         assert!(check(&["-p", "8080:80", "-p", "9000-9010:9000-9010"]).is_ok());
         let e = check(&["-p", "8080:80", "-p", "8000-8100:8000-8100"]).unwrap_err();
@@ -264,7 +364,73 @@ mod tests {
         );
         let (config, origin) =
             common::config_file::check_example::<Config>("host-proxy", path.as_ref()).unwrap();
-        config.check(&origin).unwrap();
+        check(&[(config, origin)]).unwrap();
+    }
+
+    /// config/host-proxy.several-enclaves.example.toml loads as two enclaves that pass the
+    /// checks across enclaves; and those checks refuse what cannot be served apart.
+    #[test]
+    fn several_enclaves() {
+        let load = |text: &str| {
+            let path = std::env::temp_dir().join(format!(
+                "host-proxy-several-{}-{}.toml",
+                std::process::id(),
+                text.len()
+            ));
+            std::fs::write(&path, text).unwrap();
+            let args = vec!["host-proxy".into(), "--config".into(), path.clone().into()];
+            let loaded = common::config_file::try_parse_sections::<Config>(args, &PER_ENCLAVE)
+                .map_err(|e| e.to_string())
+                .and_then(|all| check(&all).map(|()| all));
+            let _ = std::fs::remove_file(&path);
+            loaded
+        };
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/host-proxy.several-enclaves.example.toml"
+        ))
+        .unwrap();
+        let all = load(&example).unwrap();
+        let names: Vec<String> = all.iter().map(|(c, _)| c.label()).collect();
+        assert_eq!(names, ["web", "payments"]);
+        assert!(all.iter().all(|(c, _)| c.max_ingress == 4096));
+        assert_eq!((all[0].0.cid(), all[1].0.cid()), (Some(16), Some(17)));
+        let two = |a: &str, b: &str| {
+            format!("[[enclaves]]\nenclave = \"vsock:16:5000\"\n{a}\n[[enclaves]]\nenclave = \"vsock:17:5000\"\n{b}\n")
+        };
+        for (text, want) in [
+            (
+                two("publish = [\"80\"]", "publish = [\"79-81:1-3\"]"),
+                "overlap",
+            ),
+            (
+                two(
+                    "publish_transparent = [\"1000-2000\"]",
+                    "publish_transparent = [\"eth1:1500\"]",
+                ),
+                "of another enclave share port 1500",
+            ),
+            (
+                two("name = \"x\"", "name = \"x\""),
+                "two enclaves are named x",
+            ),
+            (
+                two("listen = \"unix:/a\"", "listen = \"unix:/a\"\nname = \"b\""),
+                "both send egress to listen unix:/a",
+            ),
+            (
+                "[[enclaves]]\nenclave = \"unix:/e1\"\n[[enclaves]]\nenclave = \"unix:/e2\"\n"
+                    .to_string(),
+                "both send egress to listen vsock:any:5001",
+            ),
+        ] {
+            let e = load(&text).expect_err(&text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        // Unix links apart: each its own listen path.
+        let apart = "[[enclaves]]\nenclave = \"unix:/e1\"\nlisten = \"unix:/l1\"\n\
+                     [[enclaves]]\nenclave = \"unix:/e2\"\nlisten = \"unix:/l2\"\n";
+        assert_eq!(load(apart).unwrap().len(), 2);
     }
 
     #[test]

@@ -20,13 +20,34 @@ use crate::limits::EgressPermit;
 use crate::policy::Action;
 use crate::Shared;
 
-/// Accepts egress streams until the task is cancelled.
-pub async fn serve(listener: Listener, shared: Arc<Shared>) {
+/// Accepts egress streams until the task is cancelled, each for the enclave of `enclaves`
+/// (those whose `--listen` this is) that it comes from ([`attribute`]).
+pub async fn serve(listener: Listener, enclaves: Vec<Arc<Shared>>) {
     common::serve::accept_loop(listener, "egress", |stream, peer, id| {
-        let span = info_span!("egress", conn.id = id, link.peer = %peer);
+        let Some(shared) = attribute(&enclaves, stream.peer_cid()) else {
+            // Closed unanswered: the peer is not an enclave this host-proxy serves.
+            common::warn_limited!(%peer, "egress stream from no enclave served here; closed");
+            return;
+        };
+        let span = info_span!("egress", conn.id = id, link.peer = %peer, enclave = %shared.label);
         tokio::spawn(handle(stream, shared.clone(), span));
     })
     .await;
+}
+
+/// The enclave a stream from vsock context `cid` (`None` on a Unix socket) belongs to: the one
+/// whose `--enclave` has that CID. A listener of one enclave reached over a Unix socket takes
+/// every stream (`check` refuses a Unix listener shared by two enclaves).
+pub fn attribute(enclaves: &[Arc<Shared>], cid: Option<u32>) -> Option<&Arc<Shared>> {
+    if let Some(cid) = cid {
+        if let Some(e) = enclaves.iter().find(|e| e.config.cid() == Some(cid)) {
+            return Some(e);
+        }
+    }
+    match enclaves {
+        [only] if only.config.cid().is_none() => Some(only),
+        _ => None,
+    }
 }
 
 /// Carries one stream. Only the set-up runs inside `span` (`.instrument`); the splice, the
@@ -196,5 +217,35 @@ pub fn status_of(e: &io::Error) -> Status {
         io::ErrorKind::TimedOut => Status::TimedOut,
         io::ErrorKind::PermissionDenied => Status::Denied,
         _ => Status::Unreachable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn enclave(addr: &str) -> Arc<Shared> {
+        let config = crate::Config::try_parse_from(["host-proxy", "--enclave", addr]).unwrap();
+        Arc::new(Shared::new(config))
+    }
+
+    #[test]
+    fn streams_go_to_the_enclave_of_their_cid_and_no_other() {
+        let (a, b) = (enclave("vsock:16:5000"), enclave("vsock:17:5000"));
+        let both = [a.clone(), b.clone()];
+        let label = |s: Option<&Arc<Shared>>| s.map(|s| s.label.clone());
+        assert_eq!(label(attribute(&both, Some(17))), Some(b.label.clone()));
+        assert_eq!(label(attribute(&both, Some(16))), Some(a.label.clone()));
+        assert_eq!(
+            label(attribute(&both, Some(18))),
+            None,
+            "a CID served by none"
+        );
+        assert_eq!(label(attribute(&both, None)), None);
+        // One vsock enclave still checks the CID; one enclave on a Unix socket takes all.
+        assert_eq!(label(attribute(&both[..1], Some(3))), None);
+        let unix = [enclave("unix:/e")];
+        assert!(attribute(&unix, None).is_some() && attribute(&unix, Some(3)).is_some());
     }
 }

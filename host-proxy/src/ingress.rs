@@ -23,46 +23,69 @@ use crate::limits::IngressPermit;
 use crate::splice::{pump, reset};
 use crate::Shared;
 
-/// Which enclave port a listener's clients reach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EnclavePort {
-    /// This one (`--publish`).
-    Fixed(u16),
-    /// The port the client dialled before nftables redirected it (`--publish-transparent`).
-    Original,
+/// Where a listener's clients go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// This enclave port of this enclave (`--publish`).
+    Fixed(u16, Arc<Shared>),
+    /// The port the client dialled before nftables redirected it (`--publish-transparent`), in
+    /// the enclave whose ranges hold that port: one of these.
+    Original(Vec<Arc<Shared>>),
 }
 
 /// Accepts clients on one published listener until the task is cancelled.
-pub async fn serve(listener: TcpListener, port: EnclavePort, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, target: Target) {
     common::serve::accept_loop(listener, "ingress", |tcp, peer, id| {
-        let enclave_port = match port {
-            EnclavePort::Fixed(p) => p,
-            EnclavePort::Original => {
-                let dst = crate::transparent::original_dst(&tcp);
-                // Only a port of a range: a client that dialled the listener itself (or came by
-                // another NAT) must not reach an enclave port nobody published.
-                let ranges = &shared.config.publish_transparent;
-                let port = dst.as_ref().ok().map(SocketAddr::port);
-                match port.filter(|&p| ranges.iter().any(|t| t.ports.contains(p))) {
-                    Some(p) => p,
-                    None => {
-                        let (counter, why) = match &dst {
-                            Ok(_) => (&shared.counters.denied, "not to a transparent range"),
-                            Err(_) => (&shared.counters.failed, "no original destination"),
-                        };
-                        debug!(%peer, ?dst, "{why}; reset");
-                        Counters::bump(counter.at(common::metrics::Direction::Ingress));
-                        reset(&tcp);
-                        return;
-                    }
-                }
-            }
+        let (enclave_port, shared) = match &target {
+            Target::Fixed(port, shared) => (*port, shared),
+            Target::Original(enclaves) => match route_original(&tcp, &peer, enclaves) {
+                Some(found) => found,
+                None => return,
+            },
         };
-        let span =
-            info_span!("ingress", conn.id = id, tcp.peer = %peer, enclave.port = enclave_port);
+        let span = info_span!(
+            "ingress",
+            conn.id = id,
+            tcp.peer = %peer,
+            enclave = %shared.label,
+            enclave.port = enclave_port
+        );
         tokio::spawn(handle(tcp, enclave_port, shared.clone(), span));
     })
     .await;
+}
+
+/// The original port of a redirected client and the enclave whose ranges hold it; `None`, once
+/// the client has been reset, when no range does: a client that dialled the listener itself
+/// (or came by another NAT) must not reach an enclave port nobody published. Such a client is
+/// counted against the first enclave with ranges.
+fn route_original<'a>(
+    tcp: &TcpStream,
+    peer: &str,
+    enclaves: &'a [Arc<Shared>],
+) -> Option<(u16, &'a Arc<Shared>)> {
+    let dst = crate::transparent::original_dst(tcp);
+    let port = dst.as_ref().ok().map(SocketAddr::port);
+    let found = port.and_then(|p| {
+        let owner = enclaves.iter().find(|e| {
+            e.config
+                .publish_transparent
+                .iter()
+                .any(|t| t.ports.contains(p))
+        })?;
+        Some((p, owner))
+    });
+    if found.is_none() {
+        let counters = &enclaves.first()?.counters;
+        let (counter, why) = match &dst {
+            Ok(_) => (&counters.denied, "not to a transparent range"),
+            Err(_) => (&counters.failed, "no original destination"),
+        };
+        debug!(%peer, ?dst, "{why}; reset");
+        Counters::bump(counter.at(common::metrics::Direction::Ingress));
+        reset(tcp);
+    }
+    found
 }
 
 /// Carries one client. Only the set-up runs inside `span` (`.instrument`); the splice, the

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::metrics::Counters;
+use common::transport::LinkAddr;
 use tracing::{info, warn};
 
 pub use config::Config;
@@ -37,11 +38,13 @@ pub const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(10);
 /// Descriptors beyond the connections' own: listeners, the runtime, logs, getifaddrs' socket.
 const FD_MARGIN: u64 = 64;
 
-/// State shared by every connection task.
+/// State shared by every connection task of one enclave.
 #[derive(Debug)]
 pub struct Shared {
-    /// The configuration.
+    /// The configuration (this enclave's: its own address, publishes and policy).
     pub config: Config,
+    /// The enclave's name in logs and metrics ([`Config::label`]).
+    pub label: String,
     /// The egress policy.
     pub policy: policy::Policy,
     /// Counters.
@@ -52,6 +55,21 @@ pub struct Shared {
     pub resolvers: dns::Resolvers,
     /// Metrics observed as they happen (`--metrics`).
     pub observed: metrics::Observed,
+}
+
+impl Shared {
+    /// The state of a freshly configured enclave.
+    pub fn new(config: Config) -> Shared {
+        Shared {
+            label: config.label(),
+            policy: policy::Policy::new(reload::operator_rules(&config)),
+            counters: Counters::default(),
+            caps: limits::Caps::new(config.max_ingress, config.max_egress, config.max_per_client),
+            resolvers: dns::Resolvers::new(config.dns_upstream.clone(), config.resolv_conf.clone()),
+            observed: metrics::Observed::default(),
+            config,
+        }
+    }
 }
 
 impl AsRef<Counters> for Shared {
@@ -98,100 +116,107 @@ pub enum StartError {
     LocalAddrs(#[source] nix::Error),
 }
 
-/// Runs host-proxy until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    common::transport::set_vsock_buffer(config.vsock_buffer_kib * 1024);
-    let shared = Arc::new(Shared {
-        policy: policy::Policy::new(reload::operator_rules(&config)),
-        counters: Counters::default(),
-        caps: limits::Caps::new(config.max_ingress, config.max_egress, config.max_per_client),
-        resolvers: dns::Resolvers::new(config.dns_upstream.clone(), config.resolv_conf.clone()),
-        observed: metrics::Observed::default(),
-        config,
-    });
-    let listeners: usize = shared
-        .config
-        .publish
+/// Runs host-proxy for each enclave of `configs` (one per `[[enclaves]]` table, or the one)
+/// until SIGTERM or SIGINT. The settings that are not per enclave are the same in each.
+pub async fn run(configs: Vec<Config>) -> Result<(), StartError> {
+    let global = configs.first().expect("at least one enclave").clone();
+    common::transport::set_vsock_buffer(global.vsock_buffer_kib * 1024);
+    let enclaves: Vec<Arc<Shared>> = configs
+        .into_iter()
+        .map(|c| Arc::new(Shared::new(c)))
+        .collect();
+    let listeners: usize = enclaves
         .iter()
+        .flat_map(|e| &e.config.publish)
         .map(|p| usize::from(p.count))
         .sum();
-    check_fd_limit(&shared.config, listeners);
+    check_fd_limit(&global, enclaves.len(), listeners);
     // Before anything is served, so no egress stream is checked without them.
     let addrs = interface_addrs().map_err(StartError::LocalAddrs)?;
-    shared.policy.set_local_addrs(addrs);
-    info!(addrs = ?shared.policy.local_addrs(), "egress denies the parent's own addresses");
+    for e in &enclaves {
+        e.policy.set_local_addrs(addrs.clone());
+    }
+    info!(addrs = ?addrs, "egress denies the parent's own addresses");
 
     // tokio keeps a signal handler installed for the life of the process once one is registered,
     // so registering here, before `ready`, means an early SIGUSR1 is never fatal (its default
     // action) even if the logging task below has not run yet.
     let _usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
     let mut tasks = tokio::task::JoinSet::new();
-    let for_usr1 = shared.clone();
-    tasks.spawn(async move {
-        common::metrics::log_on_sigusr1(&for_usr1.counters, "host-proxy").await;
-    });
-    tasks.spawn(refresh_local_addrs(shared.clone()));
+    for e in &enclaves {
+        let e = e.clone();
+        tasks.spawn(async move {
+            common::metrics::log_on_sigusr1(&e.counters, &e.label).await;
+        });
+    }
+    tasks.spawn(refresh_local_addrs(enclaves.clone()));
     // SIGHUP reloads; registered before `ready` so an early one is never fatal.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut served = reload::Served::default();
-    served.apply(&shared.config, &shared, true).await?;
-    let egress_listener =
-        shared
-            .config
-            .listen
+    let mut served: Vec<reload::Served> = Vec::new();
+    for e in &enclaves {
+        let mut s = reload::Served::default();
+        s.apply(&e.config, e, true).await?;
+        served.push(s);
+    }
+    // One listener per egress address; on a shared vsock one, streams go by the peer's CID.
+    let mut by_listen: Vec<(LinkAddr, Vec<Arc<Shared>>)> = Vec::new();
+    for e in &enclaves {
+        match by_listen.iter_mut().find(|(a, _)| *a == e.config.listen) {
+            Some((_, group)) => group.push(e.clone()),
+            None => by_listen.push((e.config.listen.clone(), vec![e.clone()])),
+        }
+    }
+    for (addr, group) in by_listen {
+        let listener = addr
             .listen()
             .await
-            .map_err(|source| StartError::Listen {
-                addr: shared.config.listen.clone(),
-                source,
-            })?;
-    tasks.spawn(egress::serve(egress_listener, shared.clone()));
-    if let Some(addr) = shared.config.metrics {
+            .map_err(|source| StartError::Listen { addr, source })?;
+        tasks.spawn(egress::serve(listener, group));
+    }
+    if let Some(addr) = global.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Metrics { addr, source })?;
-        let registry = metrics::registry(
-            shared.clone(),
-            &shared.observed,
-            &shared.config.enclave.to_string(),
-        );
-        tasks.spawn(metrics::serve(listener, Arc::new(registry)));
+        tasks.spawn(metrics::serve(
+            listener,
+            Arc::new(metrics::registry(enclaves.clone())),
+        ));
     }
     // Last before ready: nothing that can fail comes after the table is in place.
-    let transparent = !shared.config.publish_transparent.is_empty();
-    if transparent {
+    let ranges: Vec<transparent::Transparent> = enclaves
+        .iter()
+        .flat_map(|e| e.config.publish_transparent.iter().cloned())
+        .collect();
+    if !ranges.is_empty() {
         // The listener first, so no redirected connection finds the port closed.
-        let addr = SocketAddr::from((
-            std::net::Ipv4Addr::UNSPECIFIED,
-            shared.config.transparent_port,
-        ));
+        let addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, global.transparent_port));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Publish { addr, source })?;
-        tasks.spawn(ingress::serve(
-            listener,
-            ingress::EnclavePort::Original,
-            shared.clone(),
-        ));
-        transparent::install(
-            &shared.config.publish_transparent,
-            shared.config.transparent_port,
-        )
-        .map_err(StartError::Nftables)?;
+        let owners = enclaves
+            .iter()
+            .filter(|e| !e.config.publish_transparent.is_empty())
+            .cloned()
+            .collect();
+        tasks.spawn(ingress::serve(listener, ingress::Target::Original(owners)));
+        transparent::install(&ranges, global.transparent_port).map_err(StartError::Nftables)?;
         info!(
             table = transparent::TABLE,
-            ranges = ?shared.config.publish_transparent.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ranges = ?ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "nftables table installed"
         );
     }
 
-    info!(
-        listen = %shared.config.listen,
-        enclave = %shared.config.enclave,
-        published = ?served.describe(),
-        metrics = ?shared.config.metrics,
-        "host-proxy ready"
-    );
+    for (e, s) in enclaves.iter().zip(&served) {
+        info!(
+            enclave = %e.label,
+            address = %e.config.enclave,
+            listen = %e.config.listen,
+            published = ?s.describe(),
+            "serving enclave"
+        );
+    }
+    info!(enclaves = enclaves.len(), metrics = ?global.metrics, "host-proxy ready");
     common::telemetry::notify_ready();
     let shutdown = common::telemetry::shutdown_signal();
     tokio::pin!(shutdown);
@@ -199,12 +224,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tokio::select! {
             () = &mut shutdown => break,
             Some(()) = async { hup.as_mut()?.recv().await } => {
-                reload::reload(&mut served, &shared).await;
+                reload::reload(&mut served, &enclaves).await;
             }
         }
     }
     common::telemetry::notify_stopping();
-    if transparent {
+    if !ranges.is_empty() {
         match transparent::remove() {
             Ok(()) => info!(table = transparent::TABLE, "nftables table removed"),
             Err(e) => warn!(
@@ -213,9 +238,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             ),
         }
     }
-    served.stop();
+    for s in &mut served {
+        s.stop();
+    }
     tasks.shutdown().await;
-    shared.counters.log("host-proxy");
+    for e in &enclaves {
+        e.counters.log(&e.label);
+    }
     Ok(())
 }
 
@@ -231,9 +260,10 @@ fn interface_addrs() -> Result<Vec<IpAddr>, nix::Error> {
         .collect())
 }
 
-/// Re-reads the parent's addresses every [`LOCAL_ADDRS_REFRESH`]; runs until cancelled.
-/// getifaddrs is one netlink dump, well under a millisecond, so it runs on the runtime.
-async fn refresh_local_addrs(shared: Arc<Shared>) {
+/// Re-reads the parent's addresses every [`LOCAL_ADDRS_REFRESH`] for every enclave's policy;
+/// runs until cancelled. getifaddrs is one netlink dump, well under a millisecond, so it runs on
+/// the runtime.
+async fn refresh_local_addrs(enclaves: Vec<Arc<Shared>>) {
     let start = tokio::time::Instant::now() + LOCAL_ADDRS_REFRESH;
     let mut tick = tokio::time::interval_at(start, LOCAL_ADDRS_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -241,8 +271,12 @@ async fn refresh_local_addrs(shared: Arc<Shared>) {
         tick.tick().await;
         match interface_addrs() {
             Ok(addrs) => {
-                if shared.policy.set_local_addrs(addrs) {
-                    info!(addrs = ?shared.policy.local_addrs(), "the parent's addresses changed; egress denies the new set");
+                let mut changed = false;
+                for e in &enclaves {
+                    changed |= e.policy.set_local_addrs(addrs.clone());
+                }
+                if changed {
+                    info!(addrs = ?addrs, "the parent's addresses changed; egress denies the new set");
                 }
             }
             // At most one line per refresh; the last set read stays in force.
@@ -251,10 +285,14 @@ async fn refresh_local_addrs(shared: Arc<Shared>) {
     }
 }
 
-/// Raises the open-file limit for the caps: each carried connection holds two descriptors,
-/// ingress (client socket and link stream) and egress (link stream and destination socket) alike.
-fn check_fd_limit(config: &Config, listeners: usize) {
-    let conns = config.max_ingress.saturating_add(config.max_egress);
+/// Raises the open-file limit for the caps, which each enclave has: each carried connection
+/// holds two descriptors, ingress (client socket and link stream) and egress (link stream and
+/// destination socket) alike.
+fn check_fd_limit(config: &Config, enclaves: usize, listeners: usize) {
+    let conns = config
+        .max_ingress
+        .saturating_add(config.max_egress)
+        .saturating_mul(enclaves);
     let need = u64::try_from(conns.saturating_mul(2).saturating_add(listeners))
         .unwrap_or(u64::MAX)
         .saturating_add(FD_MARGIN);

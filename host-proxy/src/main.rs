@@ -2,10 +2,17 @@
 #![forbid(unsafe_code)]
 
 fn main() -> anyhow::Result<()> {
-    let (config, origin) = common::config_file::parse::<host_proxy::Config>();
-    if let Err(e) = config.check(&origin) {
+    let args = std::env::args_os().collect();
+    let loaded = common::config_file::try_parse_sections::<host_proxy::Config>(
+        args,
+        &host_proxy::config::PER_ENCLAVE,
+    )
+    .unwrap_or_else(|e| e.exit());
+    if let Err(e) = host_proxy::config::check(&loaded) {
         common::config_file::ConfigError::File(e).exit();
     }
+    let configs: Vec<host_proxy::Config> = loaded.into_iter().map(|(c, _)| c).collect();
+    let config = &configs[0];
     common::sys::pin_mmap_threshold();
     common::telemetry::init(config.log_format);
     let runtime = match config.threads {
@@ -20,7 +27,7 @@ fn main() -> anyhow::Result<()> {
             b.enable_all().build()?
         }
     };
-    runtime.block_on(host_proxy::run(config))?;
+    runtime.block_on(host_proxy::run(configs))?;
     // Connection tasks still running are dropped here, which closes their sockets.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(())

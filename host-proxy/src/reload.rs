@@ -125,11 +125,8 @@ async fn bind(
         tokio::spawn(udp::serve_published(socket, enclave_port, shared.clone()))
     } else {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
-        tokio::spawn(ingress::serve(
-            listener,
-            ingress::EnclavePort::Fixed(enclave_port),
-            shared.clone(),
-        ))
+        let target = ingress::Target::Fixed(enclave_port, shared.clone());
+        tokio::spawn(ingress::serve(listener, target))
     })
 }
 
@@ -141,47 +138,74 @@ pub fn operator_rules(config: &Config) -> Vec<Rule> {
 }
 
 /// SIGHUP: loads the configuration again from the process's own command line (and so the same
-/// file, the flags still overriding it), then applies its publishes and egress policy.
-pub async fn reload(served: &mut Served, shared: &Arc<Shared>) {
+/// file, the flags still overriding it), then applies each enclave's publishes and egress policy.
+/// `served[i]` is what `enclaves[i]` serves.
+pub async fn reload(served: &mut [Served], enclaves: &[Arc<Shared>]) {
     common::telemetry::notify_reloading();
-    match load_again(&shared.config) {
+    let running: Vec<&Config> = enclaves.iter().map(|e| &e.config).collect();
+    match load_again(&running) {
         Err(e) => error!("SIGHUP: reload refused, the running configuration stays: {e}"),
-        Ok(config) => {
-            shared.policy.set_operator_rules(operator_rules(&config));
-            // Binding failures are logged inside; nothing else can fail.
-            let _ = served.apply(&config, shared, false).await;
-            info!(
-                published = ?served.describe(),
-                allow = ?config.allow,
-                deny = ?config.deny,
-                "SIGHUP: configuration reloaded (publishes and egress policy)"
-            );
+        Ok(configs) => {
+            for ((config, shared), served) in configs.iter().zip(enclaves).zip(served) {
+                shared.policy.set_operator_rules(operator_rules(config));
+                // Binding failures are logged inside; nothing else can fail.
+                let _ = served.apply(config, shared, false).await;
+                info!(
+                    enclave = %shared.label,
+                    published = ?served.describe(),
+                    allow = ?config.allow,
+                    deny = ?config.deny,
+                    "SIGHUP: configuration reloaded (publishes and egress policy)"
+                );
+            }
         }
     }
     common::telemetry::notify_ready();
 }
 
-/// The configuration as it loads now, checked.
-fn load_again(running: &Config) -> Result<Config, String> {
-    let (mut config, origin) =
-        common::config_file::try_parse::<Config>(std::env::args_os().collect())
-            .map_err(|e| e.to_string())?;
-    let mut rest = config.clone();
-    rest.publish.clone_from(&running.publish);
-    rest.publish_udp.clone_from(&running.publish_udp);
-    rest.allow.clone_from(&running.allow);
-    rest.deny.clone_from(&running.deny);
-    if format!("{rest:?}") != format!("{running:?}") {
+/// The configuration of each enclave as it loads now, checked: the same enclaves in the same
+/// order, or an error (adding or removing an enclave takes a restart).
+fn load_again(running: &[&Config]) -> Result<Vec<Config>, String> {
+    let loaded = common::config_file::try_parse_sections::<Config>(
+        std::env::args_os().collect(),
+        &crate::config::PER_ENCLAVE,
+    )
+    .map_err(|e| e.to_string())?;
+    let names = |all: &mut dyn Iterator<Item = &Config>| -> Vec<String> {
+        all.map(|c| format!("{} at {}", c.label(), c.enclave))
+            .collect()
+    };
+    let (now, before) = (
+        names(&mut loaded.iter().map(|(c, _)| c)),
+        names(&mut running.iter().copied()),
+    );
+    if now != before {
+        return Err(format!(
+            "the enclaves changed from {before:?} to {now:?}; that takes a restart"
+        ));
+    }
+    let mut checked = Vec::new();
+    let mut others_changed = false;
+    for ((mut config, origin), running) in loaded.into_iter().zip(running) {
+        let mut rest = config.clone();
+        rest.publish.clone_from(&running.publish);
+        rest.publish_udp.clone_from(&running.publish_udp);
+        rest.allow.clone_from(&running.allow);
+        rest.deny.clone_from(&running.deny);
+        others_changed |= format!("{rest:?}") != format!("{running:?}");
+        // The transparent ranges in force are the ones installed at start: check against them.
+        config
+            .publish_transparent
+            .clone_from(&running.publish_transparent);
+        config.transparent_port = running.transparent_port;
+        checked.push((config, origin));
+    }
+    if others_changed {
         warn!(
             "SIGHUP: the configuration also changes settings other than publish, publish_udp, \
              allow and deny; those apply at the next restart"
         );
     }
-    // The transparent ranges in force are the ones installed at start: check against them.
-    config
-        .publish_transparent
-        .clone_from(&running.publish_transparent);
-    config.transparent_port = running.transparent_port;
-    config.check(&origin)?;
-    Ok(config)
+    crate::config::check(&checked)?;
+    Ok(checked.into_iter().map(|(c, _)| c).collect())
 }

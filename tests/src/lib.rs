@@ -13,6 +13,7 @@ pub mod idle;
 pub mod lab;
 pub mod netns;
 pub mod process;
+pub mod scrape;
 pub mod topology;
 pub mod traffic;
 
