@@ -40,6 +40,7 @@ examples = {
     'resolv-conf': '"/etc/resolv.conf"',
     'metrics': '"127.0.0.1:9464"',
     'name': '"web"',
+    'metrics-port': '9464',
     'publish-transparent': '["eth0:80,443,10000-20000"]',
 }
 repeatable = {'publish','publish-udp','allow','deny','dns-upstream','publish-transparent'}

@@ -174,7 +174,7 @@ pub const MAX_SCRAPES: usize = 16;
 /// The longest request read.
 const MAX_REQUEST: usize = 8 * 1024;
 /// How long a scraper may take to send its request, and to read the answer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves `registry` on `listener` until cancelled, [`MAX_SCRAPES`] at once; past that a
 /// connection is closed at once.
@@ -214,7 +214,7 @@ where
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
+        while !request_complete(&request) {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
                 break;
@@ -228,32 +228,92 @@ where
         return Ok(());
     };
     read?;
-    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
+    let response = response(&request, body).await;
+    // A scraper that stops reading gives its slot back after the same bound.
+    tokio::time::timeout(REQUEST_TIMEOUT, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await
+    .unwrap_or(Ok(()))
+}
+
+/// Whether `request` is all that will be read of a request: its head is complete, or it has
+/// reached the most read.
+pub fn request_complete(request: &[u8]) -> bool {
+    request.windows(4).any(|w| w == b"\r\n\r\n") || request.len() >= MAX_REQUEST
+}
+
+/// The whole HTTP response to `request`; `body` makes the exposition (OpenMetrics text), and
+/// runs only for a `GET /metrics` (or `/`). A scraper that accepts OpenMetrics (Prometheus
+/// itself asks for it first) gets it; any other (curl, `promtool check metrics`) the classic
+/// Prometheus text format ([`classic`]), as Prometheus's own client libraries negotiate.
+pub async fn response<F: Future<Output = String>>(request: &[u8], body: F) -> Vec<u8> {
+    let text = String::from_utf8_lossy(request);
+    let mut lines = text.split("\r\n");
+    let line = lines.next().unwrap_or_default();
+    let openmetrics = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .any(|(name, value)| {
+            name.eq_ignore_ascii_case("accept") && value.contains("application/openmetrics-text")
+        });
     let mut parts = line.split(' ');
     let (status, content_type, body) = match (parts.next(), parts.next(), parts.next()) {
-        (Some("GET"), Some("/metrics" | "/"), Some(v)) if v.starts_with("HTTP/1.") => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            body.await,
-        ),
+        (Some("GET"), Some("/metrics" | "/"), Some(v)) if v.starts_with("HTTP/1.") => {
+            if openmetrics {
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body.await,
+                )
+            } else {
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    classic(&body.await),
+                )
+            }
+        }
         (Some(_), Some(_), Some(v)) if v.starts_with("HTTP/1.") => {
             ("404 Not Found", "text/plain", "GET /metrics\n".to_string())
         }
         _ => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
     };
-    let head = format!(
+    let mut out = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    // A scraper that stops reading gives its slot back after the same bound.
-    tokio::time::timeout(REQUEST_TIMEOUT, async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await
-    .unwrap_or(Ok(()))
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+/// `openmetrics` (as `prometheus-client` writes it, which has no other format) in the classic
+/// Prometheus text format: a counter family's `HELP` and `TYPE` name its samples (`x_total`,
+/// not `x`), and there is no `UNIT` or `EOF` line. Samples are the same in both.
+pub fn classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta.and_then(|(p, rest)| Some((p, rest.split_once(' ')?))) {
+            Some((p, (name, rest))) if counters.contains(name) => {
+                out.push_str(&format!("{p}{name}_total {rest}"));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]

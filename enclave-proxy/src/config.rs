@@ -119,6 +119,13 @@ pub struct Config {
     /// spends one socket on it); past the cap a new flow's datagrams are dropped and counted.
     #[arg(long, value_name = "N", default_value = "1024")]
     pub max_udp_flows: usize,
+
+    /// Serve enclave-proxy's own Prometheus metrics on this port of the gateway address
+    /// (`http://GATEWAY:PORT/metrics`), and to ingress streams for this port, so the parent
+    /// scrapes it by publishing the port (`host-proxy --publish 9465:PORT`). Off by default.
+    /// The port is then enclave-proxy's: ingress to it never reaches the enclave's own servers.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub metrics_port: Option<u16>,
 }
 
 /// Whether the TAP does TCP segmentation offload (see [`Config::offload`]).
@@ -143,6 +150,9 @@ impl Config {
         }
         if addr == self.gateway {
             return Err(format!("--gateway and --address are both {addr}"));
+        }
+        if self.metrics_port == Some(crate::udp::DNS_PORT) && !self.no_dns {
+            return Err("--metrics-port 53 is the gateway's DNS port (or set --no-dns)".into());
         }
         Ok(())
     }

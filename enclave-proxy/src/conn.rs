@@ -213,6 +213,11 @@ impl Conn {
         }
     }
 
+    /// Bytes from the link waiting for room in the socket's send buffer.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.len()
+    }
+
     /// When the connection must be looked at even if nothing wakes it.
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {

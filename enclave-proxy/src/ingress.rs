@@ -21,19 +21,30 @@ use common::wire::{Kind, Status};
 use tokio::sync::mpsc;
 use tracing::{debug, info_span, Instrument, Span};
 
+use crate::metrics::Metrics;
 use crate::netlink::Routes;
 use crate::stack::Event;
+
+/// What decides an ingress stream's admission.
+#[derive(Debug)]
+pub struct Admission {
+    /// The enclave ports ingress may reach (`--expose`; `None` is all).
+    pub expose: Option<PortSet>,
+    /// How long host-proxy may take to send the header.
+    pub handshake_timeout: Duration,
+    /// enclave-proxy's own metrics, which answer streams for their port.
+    pub metrics: Option<Arc<Metrics>>,
+}
 
 /// Accepts ingress streams until cancelled.
 pub async fn serve(
     listener: Listener,
-    expose: Option<PortSet>,
-    handshake_timeout: Duration,
+    admission: Admission,
     routes: Arc<Routes>,
     events: mpsc::Sender<Event>,
     counters: Arc<Counters>,
 ) {
-    let expose = Arc::new(expose);
+    let admission = Arc::new(admission);
     // Streams still sending their header, or waiting for the stack to take them. Bounded, so a
     // flood of streams from the (untrusted) host cannot grow tasks without limit.
     let admitting = Arc::new(tokio::sync::Semaphore::new(MAX_ADMITTING));
@@ -46,8 +57,7 @@ pub async fn serve(
         };
         let task = admit(
             link,
-            expose.clone(),
-            handshake_timeout,
+            admission.clone(),
             routes.clone(),
             events.clone(),
             counters.clone(),
@@ -68,13 +78,12 @@ const MAX_ADMITTING: usize = 1024;
 
 async fn admit(
     mut link: Stream,
-    expose: Arc<Option<PortSet>>,
-    limit: Duration,
+    admission: Arc<Admission>,
     routes: Arc<Routes>,
     events: mpsc::Sender<Event>,
     counters: Arc<Counters>,
 ) {
-    let header = match read_header(&mut link, limit).await {
+    let header = match read_header(&mut link, admission.handshake_timeout).await {
         Ok(h) => h,
         Err(e) => {
             debug!("dropping ingress stream: {e}");
@@ -92,14 +101,25 @@ async fn admit(
         return;
     }
     let port = header.dst.port();
-    if expose
-        .as_ref()
+    if admission
+        .expose
         .as_ref()
         .is_some_and(|set| !set.contains(port))
     {
         debug!(client = %header.src, port, "denied: port is not in --expose");
         counters.failure(Status::Denied, common::metrics::Direction::Ingress);
         let _ = write_status(&mut link, Status::Denied).await;
+        return;
+    }
+    if let Some(metrics) = admission
+        .metrics
+        .as_ref()
+        .filter(|m| m.port == port && header.kind == Kind::TcpIngress)
+    {
+        debug!(client = %header.src, port, "ingress stream for enclave-proxy's metrics");
+        if write_status(&mut link, Status::Ok).await.is_ok() {
+            metrics.serve(link);
+        }
         return;
     }
     // Here, not on the stack task: the lookup is a round trip to the kernel.

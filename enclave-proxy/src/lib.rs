@@ -10,7 +10,8 @@
 //!   the number of connections;
 //! - [`stack`]: the single task that owns smoltcp, the sockets and the link streams;
 //! - [`conn`]: one connection's state machine and zero-copy byte pump;
-//! - [`egress`] and [`ingress`]: stream set-up with host-proxy.
+//! - [`egress`] and [`ingress`]: stream set-up with host-proxy;
+//! - [`metrics`]: its own Prometheus metrics, served at the gateway (`--metrics-port`).
 //!
 //! Nothing here touches netfilter: the enclave's rules belong to Docker.
 #![deny(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod conn;
 pub mod egress;
 pub mod fragments;
 pub mod ingress;
+pub mod metrics;
 pub mod netlink;
 pub mod packet;
 pub mod shard;
@@ -138,11 +140,22 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_udp_flows: config.max_udp_flows,
         mtu: config.mtu as usize,
     };
-    let (stack, events) = stack::Stack::new(tap, settings, counters.clone());
+    let (mut stack, events) = stack::Stack::new(tap, settings, counters.clone());
+    let metrics = config.metrics_port.map(|port| {
+        Arc::new(metrics::Metrics::new(
+            port,
+            counters.clone(),
+            events.clone(),
+        ))
+    });
+    stack.set_metrics(metrics.clone());
     let accept = tokio::spawn(ingress::serve(
         listener,
-        config.expose.clone(),
-        config.handshake_timeout,
+        ingress::Admission {
+            expose: config.expose.clone(),
+            handshake_timeout: config.handshake_timeout,
+            metrics: metrics.clone(),
+        },
         routes,
         events,
         counters.clone(),
@@ -170,6 +183,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         host = %config.host,
         listen = %config.listen,
         dns = !config.no_dns,
+        metrics = ?config.metrics_port.map(|p| std::net::SocketAddrV4::new(config.gateway, p)),
         "enclave-proxy ready"
     );
     common::telemetry::notify_ready();

@@ -121,6 +121,8 @@ pub enum Event {
         /// flow's source).
         routed: bool,
     },
+    /// A scrape asks what the stack holds now.
+    Snapshot(tokio::sync::oneshot::Sender<crate::metrics::Snapshot>),
     /// A datagram for the app from a flow's stream.
     Datagram {
         /// The flow.
@@ -302,6 +304,8 @@ pub struct Stack {
     datagrams: Flows,
     /// UDP datagrams from the enclave that arrive in fragments.
     fragments: Reassembly,
+    /// The metrics endpoint, which connections to the gateway's metrics port reach.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Stack {
@@ -350,6 +354,7 @@ impl Stack {
             egress_live: 0,
             scratch: vec![0u8; crate::conn::SCRATCH_LEN].into_boxed_slice(),
             datagrams,
+            metrics: None,
             fragments: Reassembly::default(),
         };
         (stack, events_tx)
@@ -552,7 +557,7 @@ impl Stack {
         info!(
             connections = self.conns.len(),
             shards = self.shards.count(),
-            tap.tx_dropped = self.tap.tx_dropped,
+            tap.tx_dropped = self.tap.stats.tx_dropped,
             "stack stopped"
         );
     }
@@ -590,6 +595,9 @@ impl Stack {
                 }
             }
             Event::FlowEnded { flow, id } => self.datagrams.ended(flow, id),
+            Event::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
             Event::UdpIngress {
                 header,
                 link,
@@ -637,6 +645,20 @@ impl Stack {
             src: held.key.local.into(),
             dst: held.key.remote.into(),
         };
+        let gateway = IpAddress::Ipv4(self.settings.gateway);
+        if let Some(metrics) = self
+            .metrics
+            .as_ref()
+            .filter(|m| held.key.remote == IpEndpoint::new(gateway, m.port))
+        {
+            // Served here, not by host-proxy.
+            let result = crate::metrics::local_stream(metrics).map_err(|e| {
+                common::warn_limited!("cannot open a metrics stream: {e}");
+                Status::Unreachable
+            });
+            self.finish_egress(held, result, span, now);
+            return;
+        }
         let host = self.settings.host.clone();
         let limit = self.settings.connect_timeout;
         let events = self.events_tx.clone();
@@ -873,6 +895,29 @@ impl Stack {
         // The socket stays until its shard's next poll has sent whatever it still owes (a RST
         // after abort, the last ACK).
         self.shards.remove_later(handle);
+    }
+
+    /// Serves connections to the gateway's `metrics.port` from `metrics`.
+    pub fn set_metrics(&mut self, metrics: Option<Arc<crate::metrics::Metrics>>) {
+        self.metrics = metrics;
+    }
+
+    /// What the stack holds now, for metrics.
+    fn snapshot(&self) -> crate::metrics::Snapshot {
+        let mut s = crate::metrics::Snapshot {
+            tap: self.tap.stats,
+            sockets: self.conns.len(),
+            pending: self.pending_total,
+            capacity: self.conns.len() * 2 * self.settings.buffer,
+            ..Default::default()
+        };
+        for (id, entry) in &self.conns {
+            let socket = self.shards.socket(*id);
+            s.received += socket.recv_queue();
+            s.sending += socket.send_queue();
+            s.backlog += entry.conn.backlog_len();
+        }
+        s
     }
 
     /// Services connections whose set-up or drain deadline has passed, so that it is enforced

@@ -64,6 +64,10 @@ pub struct TapStats {
     pub tx_gso: u64,
     /// The largest frame written, in bytes (Ethernet header included).
     pub tx_max: usize,
+    /// Frames written.
+    pub tx_frames: u64,
+    /// Frames that could not be written.
+    pub tx_dropped: u64,
 }
 
 /// The TAP device.
@@ -84,8 +88,6 @@ pub struct Tap {
     min_mss: u16,
     /// The last read found the TAP empty: wait for readiness before reading again.
     pub rx_blocked: bool,
-    /// Frames that could not be written to the TAP.
-    pub tx_dropped: u64,
     /// Counts of what crossed the TAP.
     pub stats: TapStats,
 }
@@ -95,7 +97,6 @@ pub struct TapWire<'a> {
     file: &'a File,
     mtu: usize,
     tx: &'a mut [u8],
-    dropped: &'a mut u64,
     stats: &'a mut TapStats,
     /// With TSO on: each flow's real MSS, and the smallest of them.
     real_mss: Option<(&'a FlowMap<FlowKey, u16>, u16)>,
@@ -152,7 +153,6 @@ impl Tap {
             real_mss: FlowMap::default(),
             min_mss: u16::MAX,
             rx_blocked: false,
-            tx_dropped: 0,
             stats: TapStats::default(),
         })
     }
@@ -263,7 +263,6 @@ impl Tap {
                 file: self.fd.get_ref(),
                 mtu: self.mtu,
                 tx: &mut self.tx,
-                dropped: &mut self.tx_dropped,
                 stats: &mut self.stats,
                 real_mss: self.tso.then_some((&self.real_mss, self.min_mss)),
                 src,
@@ -275,12 +274,12 @@ impl Tap {
     /// Writes one Ethernet frame straight to the TAP (ICMP errors, ARP replies).
     pub fn send_raw(&mut self, frame: &[u8]) {
         let Some(buf) = self.tx.get_mut(..VNET_HDR_LEN + frame.len()) else {
-            self.tx_dropped += 1;
+            self.stats.tx_dropped += 1;
             return;
         };
         VnetHdr::VALID.encode(buf);
         buf[VNET_HDR_LEN..].copy_from_slice(frame);
-        write_frame(self.fd.get_ref(), buf, &mut self.tx_dropped);
+        write_frame(self.fd.get_ref(), buf, &mut self.stats);
     }
 }
 
@@ -295,7 +294,8 @@ impl Drop for Tap {
             tap.mss_raised = s.mss_raised,
             tap.tx_gso = s.tx_gso,
             tap.tx_max = s.tx_max,
-            tap.tx_dropped = self.tx_dropped,
+            tap.tx_frames = s.tx_frames,
+            tap.tx_dropped = s.tx_dropped,
             "TAP closed"
         );
     }
@@ -362,7 +362,7 @@ impl Wire for TapWire<'_> {
         eth[6..12].copy_from_slice(self.src.as_bytes());
         eth[12..].copy_from_slice(&u16::from(ethertype).to_be_bytes());
         self.stats.tx_max = self.stats.tx_max.max(end - VNET_HDR_LEN);
-        write_frame(self.file, &self.tx[..end], self.dropped);
+        write_frame(self.file, &self.tx[..end], self.stats);
     }
 
     fn mtu(&self) -> usize {
@@ -370,16 +370,16 @@ impl Wire for TapWire<'_> {
     }
 }
 
-fn write_frame(file: &File, frame: &[u8], dropped: &mut u64) {
+fn write_frame(file: &File, frame: &[u8], stats: &mut TapStats) {
     let mut f = file;
     match f.write(frame) {
-        Ok(n) if n == frame.len() => {}
+        Ok(n) if n == frame.len() => stats.tx_frames += 1,
         Ok(n) => {
-            *dropped += 1;
+            stats.tx_dropped += 1;
             common::warn_limited!("short TAP write: {n} of {} bytes", frame.len());
         }
         Err(e) => {
-            *dropped += 1;
+            stats.tx_dropped += 1;
             if e.kind() != io::ErrorKind::WouldBlock {
                 common::warn_limited!("TAP write failed: {e}");
             }
@@ -429,13 +429,11 @@ mod tests {
             .open(&path)
             .unwrap();
         let mut tx = vec![0u8; VNET_HDR_LEN + ETH_HEADER + mtu];
-        let mut dropped = 0;
         let mut stats = TapStats::default();
         let mut wire = TapWire {
             file: &file,
             mtu,
             tx: &mut tx,
-            dropped: &mut dropped,
             stats: &mut stats,
             real_mss: real_mss.map(|m| (m, m.values().copied().min().unwrap_or(u16::MAX))),
             src: STACK,
@@ -445,7 +443,7 @@ mod tests {
             wire.tx_buffer(p.len()).copy_from_slice(p);
             wire.send(p.len());
         }
-        assert_eq!(dropped, 0);
+        assert_eq!(stats.tx_dropped, 0);
         let written = std::fs::read(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         let mut frames = Vec::new();

@@ -1,6 +1,8 @@
-//! `host-proxy --metrics` (issue: "Running it for real on the parent"): the endpoint serves the
-//! counters with their labels, answers what is not a scrape plainly, and a real Prometheus
-//! (Debian's `prometheus`) scrapes it.
+//! Metrics (issue: "Running it for real on the parent", test 6): `host-proxy --metrics` serves
+//! the counters with their labels, answers what is not a scrape plainly, and a real Prometheus
+//! (Debian's `prometheus`) scrapes it; `enclave-proxy --metrics-port` serves its own at the
+//! gateway and through a published port. Both pass `promtool check metrics`, and their counters
+//! rise by what crossed.
 //!
 //! Run as root. The endpoint and Prometheus listen on the parent namespace's loopback; nothing is
 //! sent outside the test's namespaces.
@@ -10,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use enclave_net_tests::process::Daemon;
-use enclave_net_tests::scrape::{http, sample};
+use enclave_net_tests::scrape::{http, promtool_check, sample};
 use enclave_net_tests::topology::*;
 use enclave_net_tests::traffic::*;
 use enclave_net_tests::{bounded, internet, require_root};
@@ -56,7 +58,13 @@ async fn metrics_count_what_crossed_and_prometheus_scrapes_them() {
         assert!(get("bytes_total", ",direction=\"from_enclave\"") > 0.0);
         assert_eq!(get("connections_active", ",direction=\"ingress\""), 0.0);
         assert_eq!(get("egress_connect_seconds_count", ""), 2.0);
-        assert!(text.ends_with("# EOF\n"));
+        // The classic text format by default, which promtool lints clean; OpenMetrics to a
+        // scraper that asks for it.
+        promtool_check(&text).unwrap();
+        let accept = "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.0.0";
+        let (status, open) = http(&topo.parent, metrics, accept).await;
+        assert_eq!(status, 200);
+        assert!(open.ends_with("# EOF\n"), "{open}");
 
         // What is not a scrape is answered plainly, and the endpoint keeps serving.
         let (status, _) = http(&topo.parent, metrics, "GET /other HTTP/1.1").await;
@@ -109,6 +117,68 @@ async fn metrics_count_what_crossed_and_prometheus_scrapes_them() {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    })
+    .await;
+}
+
+/// enclave-proxy's own metrics: published like any port and scraped from the client side, and
+/// at the gateway from inside the enclave. Counters rise by exactly what crossed between two
+/// scrapes; the stack's gauges show the scrape's own socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enclave_proxy_metrics_at_the_gateway_and_through_a_publish() {
+    use tokio::io::AsyncWriteExt;
+    require_root();
+    let topo = Topology::start(&["--publish", "19465:9465"], &["--metrics-port", "9465"]);
+    let published = SocketAddr::from((PARENT_IP, 19465));
+    let gateway: SocketAddr = "10.240.0.1:9465".parse().unwrap();
+    let get = |text: &str, series: &str| {
+        sample(text, &format!("enclave_net_{series}"))
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    bounded(60, async {
+        let (status, before) = http(&topo.client, published, "GET /metrics HTTP/1.1").await;
+        assert_eq!(status, 200, "{before}\n{}", topo.logs());
+        promtool_check(&before).unwrap();
+        // 100,000 bytes in through the published port, to an enclave server that drains them.
+        let len = 100_000;
+        let sink = topo.enclave.listen(any(ENCLAVE_PORT));
+        let drained = tokio::spawn(async move {
+            let (mut s, _) = sink.accept().await.unwrap();
+            drain(&mut s).await.0
+        });
+        let mut s = topo.client.connect(topo.published()).await.unwrap();
+        s.write_all(&payload(3, len)).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(drained.await.unwrap(), len as u64);
+        read_all(s).await.unwrap();
+        let (_, after) = http(&topo.client, published, "GET /metrics HTTP/1.1").await;
+        promtool_check(&after).unwrap();
+        let rise = |series: &str| get(&after, series) - get(&before, series);
+        assert_eq!(
+            rise("bytes_total{direction=\"to_enclave\"}"),
+            len as f64,
+            "{after}"
+        );
+        assert_eq!(rise("connections_opened_total{direction=\"ingress\"}"), 1.0);
+        assert!(
+            rise("tap_frames_total{direction=\"out\"}") >= 2.0,
+            "{after}"
+        );
+        assert!(rise("tap_frames_total{direction=\"in\"}") >= 2.0, "{after}");
+        assert_eq!(get(&after, "tap_dropped_total{direction=\"out\"}"), 0.0);
+
+        // From inside the enclave, at the gateway: this scrape is itself a socket of the stack.
+        let (status, inside) = http(&topo.enclave, gateway, "GET /metrics HTTP/1.1").await;
+        assert_eq!(status, 200, "{inside}");
+        promtool_check(&inside).unwrap();
+        assert!(get(&inside, "tcp_sockets") >= 1.0, "{inside}");
+        assert!(
+            get(&inside, "socket_buffer_capacity_bytes") > 0.0,
+            "{inside}"
+        );
+        assert!(get(&inside, "socket_buffer_bytes{buffer=\"backlog\"}") >= 0.0);
+        let (status, _) = http(&topo.enclave, gateway, "GET /nothing HTTP/1.1").await;
+        assert_eq!(status, 404);
     })
     .await;
 }
