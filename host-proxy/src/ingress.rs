@@ -29,16 +29,16 @@ pub enum Target {
     /// This enclave port of this enclave (`--publish`).
     Fixed(u16, Arc<Shared>),
     /// The port the client dialled before nftables redirected it (`--publish-transparent`), in
-    /// the enclave whose ranges hold that port: one of these.
-    Original(Vec<Arc<Shared>>),
+    /// the enclave whose ranges hold that port.
+    Original(crate::transparent::Routes),
 }
 
 /// Accepts clients on one published listener until the task is cancelled.
 pub async fn serve(listener: TcpListener, target: Target) {
     common::serve::accept_loop(listener, "ingress", |tcp, peer, id| {
         let (enclave_port, shared) = match &target {
-            Target::Fixed(port, shared) => (*port, shared),
-            Target::Original(enclaves) => match route_original(&tcp, &peer, enclaves) {
+            Target::Fixed(port, shared) => (*port, shared.clone()),
+            Target::Original(routes) => match route_original(&tcp, &peer, routes) {
                 Some(found) => found,
                 None => return,
             },
@@ -50,7 +50,7 @@ pub async fn serve(listener: TcpListener, target: Target) {
             enclave = %shared.label,
             enclave.port = enclave_port
         );
-        tokio::spawn(handle(tcp, enclave_port, shared.clone(), span));
+        tokio::spawn(handle(tcp, enclave_port, shared, span));
     })
     .await;
 }
@@ -59,30 +59,28 @@ pub async fn serve(listener: TcpListener, target: Target) {
 /// the client has been reset, when no range does: a client that dialled the listener itself
 /// (or came by another NAT) must not reach an enclave port nobody published. Such a client is
 /// counted against the first enclave with ranges.
-fn route_original<'a>(
+fn route_original(
     tcp: &TcpStream,
     peer: &str,
-    enclaves: &'a [Arc<Shared>],
-) -> Option<(u16, &'a Arc<Shared>)> {
+    routes: &crate::transparent::Routes,
+) -> Option<(u16, Arc<Shared>)> {
     let dst = crate::transparent::original_dst(tcp);
     let port = dst.as_ref().ok().map(SocketAddr::port);
-    let found = port.and_then(|p| {
-        let owner = enclaves.iter().find(|e| {
-            e.config
-                .publish_transparent
-                .iter()
-                .any(|t| t.ports.contains(p))
-        })?;
-        Some((p, owner))
-    });
+    let found = port.and_then(|p| Some((p, crate::transparent::route(routes, p)?)));
     if found.is_none() {
-        let counters = &enclaves.first()?.counters;
-        let (counter, why) = match &dst {
-            Ok(_) => (&counters.denied, "not to a transparent range"),
-            Err(_) => (&counters.failed, "no original destination"),
+        let (why, denied) = match &dst {
+            Ok(_) => ("not to a transparent range", true),
+            Err(_) => ("no original destination", false),
         };
         debug!(%peer, ?dst, "{why}; reset");
-        Counters::bump(counter.at(common::metrics::Direction::Ingress));
+        if let Some(e) = crate::transparent::fallback(routes) {
+            let counter = if denied {
+                &e.counters.denied
+            } else {
+                &e.counters.failed
+            };
+            Counters::bump(counter.at(common::metrics::Direction::Ingress));
+        }
         reset(tcp);
     }
     found

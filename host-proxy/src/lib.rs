@@ -21,7 +21,7 @@ pub mod splice;
 pub mod transparent;
 pub mod udp;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,29 +183,12 @@ pub async fn run(configs: Vec<Config>) -> Result<(), StartError> {
         ));
     }
     // Last before ready: nothing that can fail comes after the table is in place.
-    let ranges: Vec<transparent::Transparent> = enclaves
+    let mut transparent = transparent::Served::default();
+    let ranges: Vec<_> = enclaves
         .iter()
-        .flat_map(|e| e.config.publish_transparent.iter().cloned())
+        .map(|e| (e.clone(), e.config.publish_transparent.clone()))
         .collect();
-    if !ranges.is_empty() {
-        // The listener first, so no redirected connection finds the port closed.
-        let addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, global.transparent_port));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Publish { addr, source })?;
-        let owners = enclaves
-            .iter()
-            .filter(|e| !e.config.publish_transparent.is_empty())
-            .cloned()
-            .collect();
-        tasks.spawn(ingress::serve(listener, ingress::Target::Original(owners)));
-        transparent::install(&ranges, global.transparent_port).map_err(StartError::Nftables)?;
-        info!(
-            table = transparent::TABLE,
-            ranges = ?ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "nftables table installed"
-        );
-    }
+    transparent.apply(&ranges, global.transparent_port).await?;
 
     for (e, s) in enclaves.iter().zip(&served) {
         info!(
@@ -224,20 +207,12 @@ pub async fn run(configs: Vec<Config>) -> Result<(), StartError> {
         tokio::select! {
             () = &mut shutdown => break,
             Some(()) = async { hup.as_mut()?.recv().await } => {
-                reload::reload(&mut served, &enclaves).await;
+                reload::reload(&mut served, &mut transparent, &enclaves).await;
             }
         }
     }
     common::telemetry::notify_stopping();
-    if !ranges.is_empty() {
-        match transparent::remove() {
-            Ok(()) => info!(table = transparent::TABLE, "nftables table removed"),
-            Err(e) => warn!(
-                table = transparent::TABLE,
-                "cannot remove the nftables table: {e}"
-            ),
-        }
-    }
+    transparent.stop();
     for s in &mut served {
         s.stop();
     }

@@ -1,5 +1,6 @@
-//! The published ports being served, and SIGHUP: read the configuration again and apply its
-//! publishes and egress policy without dropping anything already carried.
+//! The published ports being served, and SIGHUP: read the configuration again and apply each
+//! enclave's publishes (the transparent ranges too, [`crate::transparent::Served`]) and egress
+//! policy without dropping anything already carried.
 //!
 //! Each published address has a task of its own that accepts on it; every connection it accepts
 //! is a task of its own too. A reload stops the accepting tasks of the publishes that went (or
@@ -140,12 +141,25 @@ pub fn operator_rules(config: &Config) -> Vec<Rule> {
 /// SIGHUP: loads the configuration again from the process's own command line (and so the same
 /// file, the flags still overriding it), then applies each enclave's publishes and egress policy.
 /// `served[i]` is what `enclaves[i]` serves.
-pub async fn reload(served: &mut [Served], enclaves: &[Arc<Shared>]) {
+pub async fn reload(
+    served: &mut [Served],
+    transparent: &mut crate::transparent::Served,
+    enclaves: &[Arc<Shared>],
+) {
     common::telemetry::notify_reloading();
     let running: Vec<&Config> = enclaves.iter().map(|e| &e.config).collect();
     match load_again(&running) {
         Err(e) => error!("SIGHUP: reload refused, the running configuration stays: {e}"),
         Ok(configs) => {
+            let ranges: Vec<_> = enclaves
+                .iter()
+                .cloned()
+                .zip(configs.iter().map(|c| c.publish_transparent.clone()))
+                .collect();
+            let port = configs[0].transparent_port;
+            if let Err(e) = transparent.apply(&ranges, port).await {
+                error!("SIGHUP: {e}; the transparent ranges in force stay");
+            }
             for ((config, shared), served) in configs.iter().zip(enclaves).zip(served) {
                 shared.policy.set_operator_rules(operator_rules(config));
                 // Binding failures are logged inside; nothing else can fail.
@@ -155,7 +169,8 @@ pub async fn reload(served: &mut [Served], enclaves: &[Arc<Shared>]) {
                     published = ?served.describe(),
                     allow = ?config.allow,
                     deny = ?config.deny,
-                    "SIGHUP: configuration reloaded (publishes and egress policy)"
+                    transparent = ?config.publish_transparent.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "SIGHUP: configuration reloaded (publishes, transparent ranges and egress policy)"
                 );
             }
         }
@@ -192,18 +207,17 @@ fn load_again(running: &[&Config]) -> Result<Vec<Config>, String> {
         rest.publish_udp.clone_from(&running.publish_udp);
         rest.allow.clone_from(&running.allow);
         rest.deny.clone_from(&running.deny);
-        others_changed |= format!("{rest:?}") != format!("{running:?}");
-        // The transparent ranges in force are the ones installed at start: check against them.
-        config
-            .publish_transparent
+        rest.publish_transparent
             .clone_from(&running.publish_transparent);
+        others_changed |= format!("{rest:?}") != format!("{running:?}");
+        // The listener's port is the one bound at start.
         config.transparent_port = running.transparent_port;
         checked.push((config, origin));
     }
     if others_changed {
         warn!(
             "SIGHUP: the configuration also changes settings other than publish, publish_udp, \
-             allow and deny; those apply at the next restart"
+             publish_transparent, allow and deny; those apply at the next restart"
         );
     }
     crate::config::check(&checked)?;

@@ -8,11 +8,13 @@
 //! `nft -j`), in one transaction that first replaces a table of that name left by a crash. On exit
 //! the table is deleted. No other table is read, changed or flushed: Docker's and firewalld's
 //! rules stay exactly as they were. Ports outside the ranges (22, say) stay the parent's own.
-//! IPv4 only, as the enclave is.
+//! A reload replaces the table (one transaction again) and the port-to-enclave routes; the
+//! listener's port stays. IPv4 only, as the enclave is.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use common::ports::PortSet;
 use nftables::batch::Batch;
@@ -22,6 +24,10 @@ use nftables::expr::{
 use nftables::schema::{Chain, NfListObject, Rule, Table};
 use nftables::stmt::{Match, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{Shared, StartError};
 
 /// host-proxy's own nftables table.
 pub const TABLE: &str = "enclave_net_host_proxy";
@@ -163,6 +169,94 @@ pub fn remove() -> Result<(), String> {
     batch.add(table());
     batch.delete(table());
     nftables::helper::apply_ruleset(&batch.to_nftables()).map_err(|e| e.to_string())
+}
+
+/// Which enclave each transparent port goes to: the ranges of each, in order. Read on every
+/// redirected connection, swapped whole on reload.
+pub type Routes = Arc<RwLock<Vec<(Transparent, Arc<Shared>)>>>;
+
+/// The transparent ranges in force: the table, the one listener, and where each port goes.
+#[derive(Debug, Default)]
+pub struct Served {
+    routes: Routes,
+    listener: Option<JoinHandle<()>>,
+    /// The ranges the table holds now.
+    installed: Vec<Transparent>,
+}
+
+impl Served {
+    /// Serves exactly the ranges of each enclave of `enclaves` (the enclave and its ranges),
+    /// redirected to `port`: binds the listener if it is not yet bound, then (re)installs the
+    /// table in one transaction; without ranges, removes both. On error nothing in force changed
+    /// but the listener, which may have been bound.
+    pub async fn apply(
+        &mut self,
+        enclaves: &[(Arc<Shared>, Vec<Transparent>)],
+        port: u16,
+    ) -> Result<(), StartError> {
+        let ranges: Vec<Transparent> = enclaves.iter().flat_map(|(_, r)| r.clone()).collect();
+        if ranges.is_empty() {
+            self.stop();
+            return Ok(());
+        }
+        if self.listener.is_none() {
+            // The listener first, so no redirected connection finds the port closed.
+            let addr = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Publish { addr, source })?;
+            let target = crate::ingress::Target::Original(self.routes.clone());
+            self.listener = Some(tokio::spawn(crate::ingress::serve(listener, target)));
+        }
+        if ranges != self.installed {
+            install(&ranges, port).map_err(StartError::Nftables)?;
+            info!(
+                table = TABLE,
+                ranges = ?ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "nftables table installed"
+            );
+        }
+        let routes = enclaves
+            .iter()
+            .flat_map(|(e, r)| r.iter().map(|t| (t.clone(), e.clone())))
+            .collect();
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = routes;
+        self.installed = ranges;
+        Ok(())
+    }
+
+    /// Removes the table, if one is installed, and stops the listener.
+    pub fn stop(&mut self) {
+        if !self.installed.is_empty() {
+            match remove() {
+                Ok(()) => info!(table = TABLE, "nftables table removed"),
+                Err(e) => warn!(table = TABLE, "cannot remove the nftables table: {e}"),
+            }
+            self.installed.clear();
+        }
+        if let Some(task) = self.listener.take() {
+            task.abort();
+        }
+        self.routes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// The port a redirected client dialled and the enclave whose ranges hold it, if any.
+pub fn route(routes: &Routes, port: u16) -> Option<Arc<Shared>> {
+    let routes = routes.read().unwrap_or_else(PoisonError::into_inner);
+    routes
+        .iter()
+        .find(|(t, _)| t.ports.contains(port))
+        .map(|(_, e)| e.clone())
+}
+
+/// The enclave that counts redirected clients no range takes: the first with ranges.
+pub fn fallback(routes: &Routes) -> Option<Arc<Shared>> {
+    let routes = routes.read().unwrap_or_else(PoisonError::into_inner);
+    routes.first().map(|(_, e)| e.clone())
 }
 
 /// The address a redirected connection was sent to, before nftables changed it.

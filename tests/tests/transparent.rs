@@ -56,8 +56,9 @@ fn nft(ns: &Netns, args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// host-proxy with the transparent range, in the parent namespace of `topo`.
-fn start_host(topo: &Topology, log: &str) -> Daemon {
+/// host-proxy with the transparent range (or, given `config`, the file's), in the parent
+/// namespace of `topo`.
+fn start_host(topo: &Topology, log: &str, config: Option<&std::path::Path>) -> Daemon {
     let mut cmd = topo.parent.command(bin("host-proxy").to_str().unwrap());
     let link = |name: &str| format!("unix:{}", topo.dir.0.join(name).display());
     cmd.args([
@@ -65,9 +66,11 @@ fn start_host(topo: &Topology, log: &str) -> Daemon {
         &link("enclave.sock"),
         "--listen",
         &link("host.sock"),
-        "--publish-transparent",
-        "toclient:1024-61439",
     ]);
+    match config {
+        Some(path) => cmd.arg("--config").arg(path),
+        None => cmd.args(["--publish-transparent", "toclient:1024-61439"]),
+    };
     Daemon::start_with(
         "host-proxy",
         cmd,
@@ -100,7 +103,7 @@ async fn transparent_ranges_forward_every_port_and_leave_other_tables_alone() {
     let before = nft(&topo.parent, &["list", "ruleset"], None);
     assert!(before.contains("docker_like"));
 
-    let mut host = start_host(&topo, "host-proxy-transparent.log");
+    let mut host = start_host(&topo, "host-proxy-transparent.log", None);
     let tables = nft(&topo.parent, &["list", "tables"], None);
     assert!(
         tables.contains("table ip enclave_net_host_proxy"),
@@ -151,11 +154,14 @@ async fn transparent_ranges_forward_every_port_and_leave_other_tables_alone() {
     })
     .await;
 
-    // kill -9 leaves the table; the next start replaces it, and still serves.
+    // kill -9 leaves the table; the next start (from a file) replaces it, and still serves.
     host.kill();
     let tables = nft(&topo.parent, &["list", "tables"], None);
     assert!(tables.contains("enclave_net_host_proxy"), "{tables}");
-    let host = start_host(&topo, "host-proxy-transparent-2.log");
+    let config = topo.dir.0.join("transparent.toml");
+    let ranges = |r: &str| std::fs::write(&config, format!("publish_transparent = [\"{r}\"]\n"));
+    ranges("toclient:1024-61439").unwrap();
+    let host = start_host(&topo, "host-proxy-transparent-2.log", Some(&config));
     let listed = nft(&topo.parent, &["list", "ruleset"], None);
     assert_eq!(
         listed.matches("table ip enclave_net_host_proxy").count(),
@@ -170,6 +176,35 @@ async fn transparent_ranges_forward_every_port_and_leave_other_tables_alone() {
             .await
             .unwrap();
         assert_eq!(read_all(s).await.unwrap().trim(), CLIENT_IP.to_string());
+        // SIGHUP with other ranges: the table is replaced, and ports leave and join.
+        serve_peer_addr(topo.enclave.listen(any(62000)));
+        ranges("toclient:62000-62100").unwrap();
+        host.signal(nix::sys::signal::Signal::SIGHUP);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !host.log_text().contains("SIGHUP: configuration reloaded") {
+            assert!(std::time::Instant::now() < deadline, "{}", host.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let listed = nft(
+            &topo.parent,
+            &["list", "table", "ip", "enclave_net_host_proxy"],
+            None,
+        );
+        assert!(
+            listed.contains("62000-62100") && !listed.contains("1024-61439"),
+            "{listed}"
+        );
+        let s = topo
+            .client
+            .connect(SocketAddr::from((PARENT_IP, 62000)))
+            .await
+            .unwrap();
+        assert_eq!(read_all(s).await.unwrap().trim(), CLIENT_IP.to_string());
+        let gone = topo
+            .client
+            .connect(SocketAddr::from((PARENT_IP, ports[0])))
+            .await;
+        assert!(gone.is_err(), "port {} left the ranges", ports[0]);
     })
     .await;
 
