@@ -41,6 +41,7 @@ examples = {
     'metrics': '"127.0.0.1:9464"',
     'name': '"web"',
     'metrics-port': '9464',
+    'ready-file': '"/run/enclave-proxy.ready"',
     'publish-transparent': '["eth0:80,443,10000-20000"]',
 }
 repeatable = {'publish','publish-udp','allow','deny','dns-upstream','publish-transparent'}

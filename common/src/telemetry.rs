@@ -58,6 +58,62 @@ pub fn notify_ready() {
     notify(&[sd_notify::NotifyState::Ready], "READY=1");
 }
 
+/// A ready file for init scripts that run no service manager (`--ready-file PATH`): the daemon
+/// says `READY=1` in it once serving, the way [`notify_ready`] tells systemd.
+///
+/// - If PATH is a FIFO (`mkfifo`), the line is written into it once a reader has it open, so an
+///   init script waits with a blocking read (`read _ < PATH`) and no polling. The open waits on
+///   a thread of its own, so the daemon serves whether or not anyone reads.
+/// - Otherwise PATH is created holding the line (written beside it, then renamed, so a reader
+///   never sees half of it), and removed when the daemon stops. A regular file left from an
+///   earlier run is removed at start ([`ReadyFile::new`]), so it never says ready too early.
+#[derive(Debug)]
+pub struct ReadyFile(std::path::PathBuf);
+
+impl ReadyFile {
+    /// Takes `path`, removing a stale regular file there.
+    pub fn new(path: std::path::PathBuf) -> std::io::Result<ReadyFile> {
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_file() => std::fs::remove_file(&path)?,
+            Ok(_) | Err(_) => {}
+        }
+        Ok(ReadyFile(path))
+    }
+
+    /// Says `READY=1`; a failure is logged, not fatal (the daemon serves anyway).
+    pub fn ready(&self) {
+        use std::os::unix::fs::FileTypeExt;
+        let path = self.0.clone();
+        let fifo = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_fifo());
+        if fifo {
+            std::thread::spawn(move || {
+                if let Err(e) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, b"READY=1\n"))
+                {
+                    tracing::warn!("cannot say ready in {}: {e}", path.display());
+                }
+            });
+            return;
+        }
+        let tmp = path.with_extension("ready-tmp");
+        let written =
+            std::fs::write(&tmp, b"READY=1\n").and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!("cannot write the ready file {}: {e}", path.display());
+        }
+    }
+
+    /// The daemon is stopping: a regular ready file goes.
+    pub fn stopping(&self) {
+        if std::fs::symlink_metadata(&self.0).is_ok_and(|m| m.file_type().is_file()) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 /// Tells the service manager the daemon is reloading its configuration (`RELOADING=1`); it
 /// follows with [`notify_ready`] when done.
 pub fn notify_reloading() {

@@ -1,8 +1,8 @@
 //! The link between the two daemons: real vsock, or a Unix socket standing in for it.
 //!
-//! Every place that talks to the other daemon takes a [`LinkAddr`], written `vsock:CID:PORT` or
-//! `unix:PATH`. Both forms produce a [`Stream`], and everything above this module is the same
-//! for both.
+//! Every place that talks to the other daemon takes a [`LinkAddr`], written `vsock:CID:PORT`,
+//! `hvsock:PATH:PORT` (a guest's vsock as its VMM shows it to the host) or `unix:PATH`. Every
+//! form produces a [`Stream`], and everything above this module is the same for all.
 //!
 //! Every single write to a stream is capped at [`MAX_WRITE`] bytes: on Nitro, vsock writes larger
 //! than 32 KiB have caused silent data corruption with guest kernels after Aug 2025
@@ -66,13 +66,24 @@ pub enum LinkAddr {
     },
     /// A Unix stream socket standing in for vsock (shared across network namespaces).
     Unix(PathBuf),
+    /// A guest's vsock seen from the host as a Unix socket that speaks "hybrid vsock"
+    /// (Firecracker, Cloud Hypervisor, `vhost-device-vsock`), written `hvsock:PATH:PORT`. To
+    /// reach the guest's port PORT: connect to PATH, send `CONNECT PORT\n`, read `OK ...\n`. To
+    /// accept the guest's connections to the host's port PORT: listen on the Unix socket
+    /// `PATH_PORT`, where the VMM delivers them.
+    Hybrid {
+        /// The VMM's Unix socket.
+        path: PathBuf,
+        /// The vsock port.
+        port: u32,
+    },
 }
 
 /// Why a link address could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
     /// No `vsock:` or `unix:` prefix.
-    #[error("{0:?} is not a link address: use vsock:CID:PORT or unix:PATH")]
+    #[error("{0:?} is not a link address: use vsock:CID:PORT, hvsock:PATH:PORT or unix:PATH")]
     Scheme(String),
     /// A vsock address without both parts, or with non-numbers.
     #[error("{0:?} is not vsock:CID:PORT (CID a number or `any`, PORT a number)")]
@@ -80,6 +91,9 @@ pub enum AddrError {
     /// `unix:` with nothing after it.
     #[error("unix: needs a path")]
     EmptyPath,
+    /// `hvsock:` without a path and a port.
+    #[error("{0:?} is not hvsock:PATH:PORT (the VMM's Unix socket, then a vsock port number)")]
+    Hybrid(String),
 }
 
 impl FromStr for LinkAddr {
@@ -97,6 +111,18 @@ impl FromStr for LinkAddr {
             };
             let port = port.parse().map_err(|_| AddrError::Vsock(s.into()))?;
             Ok(LinkAddr::Vsock { cid, port })
+        } else if let Some(rest) = s.strip_prefix("hvsock:") {
+            let (path, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| AddrError::Hybrid(s.into()))?;
+            let port = port.parse().map_err(|_| AddrError::Hybrid(s.into()))?;
+            if path.is_empty() {
+                return Err(AddrError::Hybrid(s.into()));
+            }
+            Ok(LinkAddr::Hybrid {
+                path: path.into(),
+                port,
+            })
         } else if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(AddrError::EmptyPath);
@@ -116,6 +142,7 @@ impl fmt::Display for LinkAddr {
             }
             LinkAddr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             LinkAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            LinkAddr::Hybrid { path, port } => write!(f, "hvsock:{}:{port}", path.display()),
         }
     }
 }
@@ -130,6 +157,13 @@ impl LinkAddr {
                 Ok(Stream::Vsock(s))
             }
             LinkAddr::Unix(path) => Stream::unix(UnixStream::connect(path).await?),
+            LinkAddr::Hybrid { path, port } => {
+                let mut s = UnixStream::connect(path).await?;
+                hybrid_connect(&mut s, *port).await.map_err(|e| {
+                    io::Error::new(e.kind(), format!("hvsock:{}:{port}: {e}", path.display()))
+                })?;
+                Stream::unix(s)
+            }
         }
     }
 
@@ -145,21 +179,97 @@ impl LinkAddr {
                 tune_vsock(std::os::fd::AsFd::as_fd(&l));
                 Ok(Listener::Vsock(l))
             }
-            LinkAddr::Unix(path) => {
-                if path.exists() {
-                    match UnixStream::connect(path).await {
-                        Ok(_) => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::AddrInUse,
-                                format!("{} is in use by a live listener", path.display()),
-                            ))
-                        }
-                        Err(_) => std::fs::remove_file(path)?,
-                    }
-                }
-                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            LinkAddr::Unix(path) => listen_unix(path.clone()).await,
+            LinkAddr::Hybrid { path, port } => {
+                let mut name = path.clone().into_os_string();
+                name.push(format!("_{port}"));
+                listen_unix(name.into()).await
             }
         }
+    }
+}
+
+/// Listens on the Unix socket `path`. A socket file left behind by a daemon that died is
+/// removed first; a live one (some process still accepts on it) makes this fail with
+/// `AddrInUse`.
+async fn listen_unix(path: PathBuf) -> io::Result<Listener> {
+    if path.exists() {
+        match UnixStream::connect(&path).await {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a live listener", path.display()),
+                ))
+            }
+            Err(_) => std::fs::remove_file(&path)?,
+        }
+    }
+    Ok(Listener::Unix(UnixListener::bind(&path)?, path))
+}
+
+/// The longest answer to `CONNECT` read: `OK ` and a port number, with room to spare.
+const HYBRID_ANSWER_MAX: usize = 64;
+
+/// The hybrid vsock handshake on a fresh connection to the VMM's socket: `CONNECT port\n`, then
+/// `OK <number>\n` back. Read a byte at a time, so nothing after the answer is consumed. A VMM
+/// that closes (nothing listens on the guest's port) is `ConnectionRefused`; any other answer,
+/// or one longer than [`HYBRID_ANSWER_MAX`], is `InvalidData`. The caller bounds it in time.
+pub async fn hybrid_connect<S>(s: &mut S, port: u32) -> io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let refused = || {
+        io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "the VMM closed the connection instead of answering CONNECT {port} (is anything \
+                 listening on that port in the guest?)"
+            ),
+        )
+    };
+    let closed = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        )
+    };
+    match s.write_all(format!("CONNECT {port}\n").as_bytes()).await {
+        Err(e) if closed(&e) => return Err(refused()),
+        r => r?,
+    }
+    let mut answer = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        match s.read(&mut byte).await {
+            Ok(0) => return Err(refused()),
+            Err(e) if closed(&e) => return Err(refused()),
+            r => r?,
+        };
+        if byte[0] == b'\n' {
+            break;
+        }
+        answer.push(byte[0]);
+        if answer.len() > HYBRID_ANSWER_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("answer to CONNECT {port} longer than {HYBRID_ANSWER_MAX} bytes"),
+            ));
+        }
+    }
+    let ok = answer
+        .strip_prefix(b"OK ")
+        .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit));
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "answer to CONNECT {port} was {:?}, not OK <port>",
+                String::from_utf8_lossy(&answer)
+            ),
+        ))
     }
 }
 
@@ -388,10 +498,69 @@ mod tests {
             Err(AddrError::Vsock(_))
         ));
         assert_eq!("unix:".parse::<LinkAddr>(), Err(AddrError::EmptyPath));
+        let h: LinkAddr = "hvsock:/run/fc:v.sock:5000".parse().unwrap();
+        assert_eq!(
+            h,
+            LinkAddr::Hybrid {
+                path: "/run/fc:v.sock".into(),
+                port: 5000
+            }
+        );
+        assert_eq!(h.to_string(), "hvsock:/run/fc:v.sock:5000");
+        for bad in [
+            "hvsock:/v.sock",
+            "hvsock::5000",
+            "hvsock:/v.sock:x",
+            "hvsock:5000",
+        ] {
+            assert!(
+                matches!(bad.parse::<LinkAddr>(), Err(AddrError::Hybrid(_))),
+                "{bad}"
+            );
+        }
         assert_eq!(
             "vsock:any:5000".parse::<LinkAddr>().unwrap().to_string(),
             "vsock:any:5000"
         );
+    }
+
+    /// The hybrid handshake: `OK <port>` lets the stream through with nothing after it read;
+    /// a refusal, a garbled answer or an endless one is an error that says what came back.
+    #[tokio::test]
+    async fn hybrid_connect_checks_the_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn answer(reply: &[u8], close: bool) -> (io::Result<()>, Vec<u8>) {
+            let (mut ours, mut vmm) = tokio::io::duplex(4096);
+            vmm.write_all(reply).await.unwrap();
+            if close {
+                drop(vmm);
+                return (hybrid_connect(&mut ours, 5000).await, Vec::new());
+            }
+            let result = hybrid_connect(&mut ours, 5000).await;
+            let mut asked = vec![0u8; 13];
+            vmm.read_exact(&mut asked).await.unwrap();
+            (result, asked)
+        }
+        let (ok, asked) = answer(b"OK 1073741824\npayload", false).await;
+        ok.unwrap();
+        assert_eq!(asked, b"CONNECT 5000\n");
+        let (refused, _) = answer(b"", true).await;
+        assert_eq!(
+            refused.unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+        for bad in [&b"NO 5000\n"[..], b"OK\n", b"OK 50x0\n", &[b'O'; 100]] {
+            let (e, _) = answer(bad, false).await;
+            let e = e.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad:?}: {e}");
+        }
+        // The bytes after the answer are left for the stream.
+        let (mut ours, mut vmm) = tokio::io::duplex(4096);
+        vmm.write_all(b"OK 7\nrest").await.unwrap();
+        hybrid_connect(&mut ours, 1).await.unwrap();
+        let mut rest = [0u8; 4];
+        ours.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"rest");
     }
 
     #[tokio::test]

@@ -20,7 +20,8 @@ pub struct Config {
     #[arg(long, value_name = "PATH")]
     pub config: Option<std::path::PathBuf>,
 
-    /// Where egress streams go: host-proxy's --listen (vsock:CID:PORT or unix:PATH).
+    /// Where egress streams go: host-proxy's --listen (vsock:CID:PORT, hvsock:PATH:PORT or
+    /// unix:PATH).
     #[arg(long, value_name = "ADDR", default_value = "vsock:3:5001")]
     pub host: LinkAddr,
 
@@ -126,6 +127,12 @@ pub struct Config {
     /// The port is then enclave-proxy's: ingress to it never reaches the enclave's own servers.
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub metrics_port: Option<u16>,
+
+    /// Say `READY=1` here once serving, for an init that runs no service manager: into a FIFO
+    /// (`mkfifo`) once a reader opens it, so the init waits with `read _ < PATH`; else as a
+    /// file, created then and removed at exit (README, "Starting in the enclave").
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<std::path::PathBuf>,
 }
 
 /// Whether the TAP does TCP segmentation offload (see [`Config::offload`]).

@@ -64,7 +64,7 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// `--resolv-conf` could not be written.
+    /// `--resolv-conf` could not be written, or a stale `--ready-file` removed.
     #[error("cannot write {path}: {source}")]
     ResolvConf {
         /// The path.
@@ -97,6 +97,16 @@ fn write_resolv_conf(path: &std::path::Path, gateway: std::net::Ipv4Addr) -> std
 pub async fn run(config: Config) -> Result<(), StartError> {
     common::transport::set_vsock_buffer(config.vsock_buffer_kib * 1024);
     config.validate().map_err(StartError::Config)?;
+    let ready_file =
+        match &config.ready_file {
+            Some(path) => Some(common::telemetry::ReadyFile::new(path.clone()).map_err(
+                |source| StartError::ResolvConf {
+                    path: path.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
     // One descriptor per connection (its link stream), plus the TAP, sockets and a margin.
     let need = config.max_ingress.saturating_add(config.max_egress) as u64 + 64;
     common::telemetry::raise_fd_limit(need, "--max-ingress and --max-egress (1 per connection)");
@@ -187,10 +197,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         "enclave-proxy ready"
     );
     common::telemetry::notify_ready();
+    if let Some(f) = &ready_file {
+        f.ready();
+    }
     stack
         .run(async {
             common::telemetry::shutdown_signal().await;
             common::telemetry::notify_stopping();
+            if let Some(f) = &ready_file {
+                f.stopping();
+            }
         })
         .await;
     accept.abort();

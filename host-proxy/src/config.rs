@@ -24,7 +24,8 @@ pub struct Config {
     #[arg(long, value_name = "PATH")]
     pub config: Option<std::path::PathBuf>,
 
-    /// Where enclave-proxy accepts ingress streams (vsock:CID:PORT or unix:PATH). Several
+    /// Where enclave-proxy accepts ingress streams (vsock:CID:PORT, hvsock:PATH:PORT for a
+    /// guest behind Firecracker, Cloud Hypervisor or vhost-device-vsock, or unix:PATH). Several
     /// enclaves are set in a config file, one `[[enclaves]]` table each (README, "Several
     /// enclaves").
     #[arg(long, value_name = "ADDR")]
@@ -178,7 +179,7 @@ impl Config {
     pub fn cid(&self) -> Option<u32> {
         match self.enclave {
             LinkAddr::Vsock { cid, .. } => Some(cid),
-            LinkAddr::Unix(_) => None,
+            LinkAddr::Unix(_) | LinkAddr::Hybrid { .. } => None,
         }
     }
 }
