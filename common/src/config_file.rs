@@ -187,6 +187,8 @@ struct FileArgs {
     lines: HashMap<String, (String, usize)>,
     /// Option (long name) -> the line of each value.
     value_lines: HashMap<String, Vec<usize>>,
+    /// For one `[[section]]` table: the line it starts on.
+    table_line: Option<usize>,
 }
 
 impl FileArgs {
@@ -211,6 +213,7 @@ impl FileArgs {
             args: Vec::new(),
             lines: HashMap::new(),
             value_lines: HashMap::new(),
+            table_line: None,
         };
         let mut tables = Vec::new();
         if let Some((key, value)) = table
@@ -223,15 +226,24 @@ impl FileArgs {
                 let msg = format!("`{}` is a list of tables: write [[{0}]]", sections.key);
                 return Err(err(line, msg));
             };
+            if items.is_empty() {
+                let msg = format!(
+                    "`{}` has no tables: write one [[{0}]] per instance",
+                    sections.key
+                );
+                return Err(err(line, msg));
+            }
             for item in items {
                 let DeValue::Table(t) = item.get_ref() else {
                     let msg = format!("`{}` is a list of tables: write [[{0}]]", sections.key);
                     return Err(err(at(item.span()), msg));
                 };
                 let mut part = empty();
+                part.table_line = Some(at(item.span()));
                 for (key, value) in t {
                     let name = key.get_ref();
-                    if !sections.keys.contains(&name.as_ref()) {
+                    // A dashed per-table key falls through to `add`, which names the right one.
+                    if !sections.keys.contains(&name.replace('-', "_").as_str()) {
                         let line = at(key.span());
                         let msg = format!(
                             "key `{name}` is not set per [[{}]]: set it once, at the top of the \
@@ -281,6 +293,7 @@ impl FileArgs {
             args: self.args.clone(),
             lines: self.lines.clone(),
             value_lines: self.value_lines.clone(),
+            table_line: more.table_line,
         };
         out.args.extend(more.args);
         out.lines.extend(more.lines);
@@ -392,7 +405,21 @@ impl FileArgs {
                 self.path.display(),
                 first_line(&e)
             )),
-            None => ConfigError::Cli(e),
+            None => match (self.table_line, e.kind()) {
+                // What no key of the file is to blame for (a required option missing, say):
+                // said of the table, when the parse was for one.
+                (Some(line), kind)
+                    if kind != clap::error::ErrorKind::DisplayHelp
+                        && kind != clap::error::ErrorKind::DisplayVersion =>
+                {
+                    ConfigError::File(format!(
+                        "config file {} line {line}: in this table: {}",
+                        self.path.display(),
+                        first_paragraph(&e)
+                    ))
+                }
+                _ => ConfigError::Cli(e),
+            },
         }
     }
 }
@@ -457,6 +484,22 @@ fn first_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
     let line = text.lines().next().unwrap_or_default();
     line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
+/// The first paragraph of a clap error on one line, without its `error: ` prefix (a missing
+/// option's name is on the line after the first).
+fn first_paragraph(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let joined = lines.join(" ");
+    joined
+        .strip_prefix("error: ")
+        .unwrap_or(&joined)
+        .to_string()
 }
 
 /// The 1-based line of byte offset `at` in `text`.
@@ -629,7 +672,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((one.len(), one[0].publish.len()), (1, 1));
-        let cases: [(&str, &[&str], &str); 6] = [
+        let cases: [(&str, &[&str], &str); 8] = [
             (
                 "publish = [\"81\"]\n[[enclaves]]\nenclave = \"unix:/a\"\n",
                 &[],
@@ -658,8 +701,14 @@ mod tests {
             (
                 "[[enclaves]]\nenclave = \"unix:/a\"\n[[enclaves]]\npublish = [\"x\"]\n",
                 &[],
-                "--enclave",
+                "line 3: in this table: the following required arguments were not provided: --enclave",
             ),
+            (
+                "[[enclaves]]\nenclave = \"unix:/a\"\npub-lish = [\"80\"]\n",
+                &[],
+                "line 3: unknown key `pub-lish`",
+            ),
+            ("enclaves = []\n", &[], "line 1: `enclaves` has no tables"),
         ];
         for (file, cli, want) in cases {
             let got = run_sections(file, cli, &PER_ENCLAVE).expect_err(file);

@@ -22,8 +22,25 @@ use tracing::{debug, warn};
 
 use crate::metrics::{Counters, Direction};
 
-/// Labels that tell one set of counters from another (host-proxy's `enclave`), as pairs.
+/// Labels that tell one set of counters from another (host-proxy's `enclave`), as pairs. Their
+/// values go out as they are (`prometheus-client` escapes nothing): make them with
+/// [`label_value`].
 pub type Labels = Vec<(&'static str, String)>;
+
+/// `s` as a label value of the text formats: backslash, double quote and line feed escaped, so
+/// no value (a `unix:` path, say) can break the exposition.
+pub fn label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 /// `labels` and one more.
 fn with(labels: &Labels, key: &'static str, value: &str) -> Labels {
@@ -255,9 +272,9 @@ pub async fn response<F: Future<Output = String>>(request: &[u8], body: F) -> Ve
     let openmetrics = lines
         .take_while(|l| !l.is_empty())
         .filter_map(|l| l.split_once(':'))
-        .any(|(name, value)| {
-            name.eq_ignore_ascii_case("accept") && value.contains("application/openmetrics-text")
-        });
+        .filter(|(name, _)| name.eq_ignore_ascii_case("accept"))
+        .flat_map(|(_, value)| value.split(','))
+        .any(accepts_openmetrics);
     let mut parts = line.split(' ');
     let (status, content_type, body) = match (parts.next(), parts.next(), parts.next()) {
         (Some("GET"), Some("/metrics" | "/"), Some(v)) if v.starts_with("HTTP/1.") => {
@@ -287,6 +304,20 @@ pub async fn response<F: Future<Output = String>>(request: &[u8], body: F) -> Ve
     .into_bytes();
     out.extend_from_slice(body.as_bytes());
     out
+}
+
+/// Whether one media range of an `Accept` header takes OpenMetrics: it names it, with no
+/// `q=0`.
+fn accepts_openmetrics(range: &str) -> bool {
+    let mut parts = range.split(';').map(str::trim);
+    let named = parts
+        .next()
+        .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"));
+    let refused = parts.any(|p| {
+        p.strip_prefix("q=")
+            .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+    });
+    named && !refused
 }
 
 /// `openmetrics` (as `prometheus-client` writes it, which has no other format) in the classic
@@ -356,6 +387,30 @@ mod tests {
             1,
             "{text}"
         );
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        let kind = |accept: &str| {
+            let request = format!("GET /metrics HTTP/1.1\r\nAccept: {accept}\r\n\r\n");
+            let out = ready(response(request.as_bytes(), async { "# EOF\n".into() }));
+            String::from_utf8(out).unwrap().contains("openmetrics-text")
+        };
+        assert!(kind(
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+        ));
+        assert!(!kind("application/openmetrics-text;q=0, text/plain"));
+        assert!(!kind("*/*"));
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    /// The output of a future that never waits.
+    fn ready<F: Future>(f: F) -> F::Output {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("the future waited"),
+        }
     }
 
     #[tokio::test]

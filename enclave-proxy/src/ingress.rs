@@ -117,8 +117,15 @@ async fn admit(
         .filter(|m| m.port == port && header.kind == Kind::TcpIngress)
     {
         debug!(client = %header.src, port, "ingress stream for enclave-proxy's metrics");
-        if write_status(&mut link, Status::Ok).await.is_ok() {
-            metrics.serve(link);
+        match metrics.admit(true) {
+            Some(permit) => {
+                if write_status(&mut link, Status::Ok).await.is_ok() {
+                    metrics.serve(link, permit);
+                }
+            }
+            None => {
+                let _ = write_status(&mut link, Status::Unreachable).await;
+            }
         }
         return;
     }

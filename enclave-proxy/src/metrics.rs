@@ -11,22 +11,28 @@
 //! A scrape here arrives as a stream's framed payload (the connection to the gateway is pumped
 //! like any other, its far end being this module instead of host-proxy), so the HTTP exchange
 //! is read and written in frames ([`common::frame`]). It is bounded like host-proxy's endpoint:
-//! 16 scrapes at once, a request of 8 KiB read within 5 s.
+//! 16 scrapes at once from the host and 16 from inside the enclave (apart, so the host cannot
+//! take them all), a request of 8 KiB read within 5 s; past the cap a scrape is refused (the
+//! connect fails) rather than cut. The stack's part is read at most five times a second.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::exposition::{encode_counters, gauge, request_complete, response, REQUEST_TIMEOUT};
 use common::frame::{encode_all, Chunk, Deframer, End};
 use common::metrics::Counters;
 use common::transport::Stream;
+use common::wire::Status;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::stack::Event;
@@ -59,29 +65,54 @@ pub struct Metrics {
     pub port: u16,
     counters: Arc<Counters>,
     events: mpsc::Sender<Event>,
-    scrapes: Arc<Semaphore>,
+    /// Scrapes at once through published ports (from the untrusted host), and from inside the
+    /// enclave: apart, so the host cannot take every slot.
+    from_host: Arc<Semaphore>,
+    from_enclave: Arc<Semaphore>,
+    /// The last snapshot and when it was taken: one is reused for [`SNAPSHOT_AGE`], so scrapes
+    /// cost the stack task at most one pass over its connections per period.
+    last: Mutex<Option<(Instant, Snapshot)>>,
 }
+
+/// How long a snapshot of the stack is reused.
+const SNAPSHOT_AGE: Duration = Duration::from_millis(200);
 
 impl Metrics {
     /// The endpoint on `port`, reading `counters` and asking the stack (through `events`) for
     /// the rest.
     pub fn new(port: u16, counters: Arc<Counters>, events: mpsc::Sender<Event>) -> Metrics {
-        let scrapes = Arc::new(Semaphore::new(common::exposition::MAX_SCRAPES));
+        let slots = || Arc::new(Semaphore::new(common::exposition::MAX_SCRAPES));
         Metrics {
             port,
             counters,
             events,
-            scrapes,
+            from_host: slots(),
+            from_enclave: slots(),
+            last: Mutex::new(None),
         }
     }
 
-    /// Answers one scrape whose request arrives as framed payload on `link` (its status, if
-    /// any, already settled). Past the scrapes served at once, the link is closed at once.
-    pub fn serve(self: &Arc<Self>, link: Stream) {
-        let Ok(permit) = self.scrapes.clone().try_acquire_owned() else {
-            debug!("metrics: scrapes already in progress at the cap; closed");
-            return;
+    /// A slot for one more scrape from the host (an ingress stream) or from inside the enclave;
+    /// `None` past the most at once, when the scrape is to be refused.
+    pub fn admit(&self, from_host: bool) -> Option<OwnedSemaphorePermit> {
+        let slots = if from_host {
+            &self.from_host
+        } else {
+            &self.from_enclave
         };
+        let permit = slots.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            debug!(
+                from_host,
+                "metrics: scrapes already in progress at the cap; refused"
+            );
+        }
+        permit
+    }
+
+    /// Answers one scrape, admitted with `permit`, whose request arrives as framed payload on
+    /// `link` (its status, if any, already sent).
+    pub fn serve(self: &Arc<Self>, link: Stream, permit: OwnedSemaphorePermit) {
         let me = self.clone();
         tokio::spawn(async move {
             // Bounded overall: reading the request, the stack's answer, and the scraper's FIN.
@@ -95,12 +126,21 @@ impl Metrics {
         });
     }
 
-    /// The exposition now.
+    /// The exposition now (the stack's part at most [`SNAPSHOT_AGE`] old).
     async fn render(&self) -> String {
-        let (tx, rx) = oneshot::channel();
-        let snapshot = match self.events.send(Event::Snapshot(tx)).await {
-            Ok(()) => rx.await.unwrap_or_default(),
-            Err(_) => Snapshot::default(),
+        let cached = *self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let snapshot = match cached {
+            Some((at, s)) if at.elapsed() < SNAPSHOT_AGE => s,
+            _ => {
+                let (tx, rx) = oneshot::channel();
+                let s = match self.events.send(Event::Snapshot(tx)).await {
+                    Ok(()) => rx.await.unwrap_or_default(),
+                    Err(_) => Snapshot::default(),
+                };
+                *self.last.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((Instant::now(), s));
+                s
+            }
         };
         let mut registry = Registry::with_prefix("enclave_net");
         registry.register_collector(Box::new(Now {
@@ -188,7 +228,8 @@ impl Collector for Now {
 }
 
 /// One HTTP exchange in frames: reads the request, answers it with `body` and FIN, then waits
-/// for the scraper's FIN (or its end) before closing, so the stream ends cleanly.
+/// for the scraper's FIN (or its end) before closing, so the stream ends cleanly. A scraper that
+/// resets, or whose stream ends before its request does, gets no answer.
 async fn exchange<F: std::future::Future<Output = String>>(
     mut link: Stream,
     body: F,
@@ -200,9 +241,19 @@ async fn exchange<F: std::future::Future<Output = String>>(
         request.extend_from_slice(data);
         request_complete(&request)
     });
-    tokio::time::timeout(REQUEST_TIMEOUT, read)
+    let eof = tokio::time::timeout(REQUEST_TIMEOUT, read)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request in time"))??;
+    match deframer.end() {
+        End::Rst => return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset")),
+        End::Open if eof => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the stream ended before its FIN",
+            ))
+        }
+        End::Open | End::Fin => {}
+    }
     let answer = response(&request, body).await;
     let send = async {
         link.write_all(&encode_all(&answer, Some(Chunk::Fin)))
@@ -214,22 +265,24 @@ async fn exchange<F: std::future::Future<Output = String>>(
     tokio::time::timeout(REQUEST_TIMEOUT, send)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the scraper did not finish"))?
+        .map(|_| ())
 }
 
 /// Reads frames from `link`, handing each run of payload to `take` until it returns true or the
-/// direction ends (FIN, RST or end of file). Every byte read is decoded, so the next call goes
-/// on where this one stopped. A malformed frame is an error.
+/// direction ends (FIN or RST); returns whether the link reached its end of file instead. Every
+/// byte read is decoded, so the next call goes on where this one stopped, and the window is
+/// kept: CREDIT goes back as payload is taken. A malformed frame is an error.
 async fn read_frames(
     link: &mut Stream,
     deframer: &mut Deframer,
     buf: &mut [u8],
     mut take: impl FnMut(&[u8]) -> bool,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let mut done = false;
     while !done && deframer.end() == End::Open {
         let n = link.read(buf).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let mut input = &buf[..n];
         while !input.is_empty() {
@@ -242,14 +295,28 @@ async fn read_frames(
             }
             input = &input[used..];
         }
+        if let Some(credit) = deframer.credit_due() {
+            link.write_all(&credit).await?;
+        }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// A stream whose far end is the metrics endpoint: what the stack pumps a connection to the
-/// gateway's metrics port into, in place of a stream to host-proxy.
-pub fn local_stream(metrics: &Arc<Metrics>) -> io::Result<Stream> {
-    let (ours, theirs) = tokio::net::UnixStream::pair()?;
-    metrics.serve(Stream::unix(theirs)?);
-    Stream::unix(ours)
+/// gateway's metrics port into, in place of a stream to host-proxy; or the status the app's
+/// connect fails with.
+pub fn local_stream(metrics: &Arc<Metrics>) -> Result<Stream, Status> {
+    let permit = metrics.admit(false).ok_or(Status::Unreachable)?;
+    let pair = tokio::net::UnixStream::pair()
+        .and_then(|(ours, theirs)| Ok((Stream::unix(ours)?, Stream::unix(theirs)?)));
+    match pair {
+        Ok((ours, theirs)) => {
+            metrics.serve(theirs, permit);
+            Ok(ours)
+        }
+        Err(e) => {
+            common::warn_limited!("cannot open a metrics stream: {e}");
+            Err(Status::Unreachable)
+        }
+    }
 }

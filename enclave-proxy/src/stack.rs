@@ -652,10 +652,7 @@ impl Stack {
             .filter(|m| held.key.remote == IpEndpoint::new(gateway, m.port))
         {
             // Served here, not by host-proxy.
-            let result = crate::metrics::local_stream(metrics).map_err(|e| {
-                common::warn_limited!("cannot open a metrics stream: {e}");
-                Status::Unreachable
-            });
+            let result = crate::metrics::local_stream(metrics);
             self.finish_egress(held, result, span, now);
             return;
         }

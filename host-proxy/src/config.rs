@@ -31,8 +31,9 @@ pub struct Config {
     #[arg(long, value_name = "ADDR")]
     pub enclave: LinkAddr,
 
-    /// The enclave's name in logs and metrics (default: its `--enclave` address).
-    #[arg(long, value_name = "NAME")]
+    /// The enclave's name in logs and metrics (default: its `--enclave` address): 1 to 64
+    /// letters, digits and `_.:/-`.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
     pub name: Option<String>,
 
     /// Where to accept egress streams from enclave-proxy. On vsock, each stream is the
@@ -271,6 +272,18 @@ pub fn check(all: &[(Config, Origin)]) -> Result<(), String> {
             ));
         }
     }
+    for (c, origin) in all {
+        if matches!(c.listen, LinkAddr::Vsock { .. }) && c.cid().is_none() {
+            return Err(format!(
+                "--listen {} ({}) is vsock, where egress streams are told apart by the peer's \
+                 CID, but --enclave {} has none: use a vsock: enclave address, or a unix: or \
+                 hvsock: listen address",
+                c.listen,
+                origin.of("listen", 0),
+                c.enclave
+            ));
+        }
+    }
     for (i, (a, at)) in all.iter().enumerate() {
         for (b, at_b) in &all[i + 1..] {
             let (la, lb) = (a.label(), b.label());
@@ -313,6 +326,17 @@ fn parse_cap(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_name(s: &str) -> Result<String, String> {
+    let fits = |c: char| c.is_ascii_alphanumeric() || "_.:/-".contains(c);
+    if (1..=64).contains(&s.len()) && s.chars().all(fits) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a name: 1 to 64 letters, digits and `_.:/-`"
+        ))
+    }
+}
+
 fn reject_max_connections(_: &str) -> Result<usize, String> {
     Err(
         "host-proxy has separate caps now: use --max-ingress and --max-egress \
@@ -336,7 +360,7 @@ mod tests {
     #[test]
     fn overlapping_publishes_are_refused_with_where_they_came_from() {
         let check = |args: &[&str]| {
-            let mut all = vec!["host-proxy", "--enclave", "unix:/x"];
+            let mut all = vec!["host-proxy", "--enclave", "unix:/x", "--listen", "unix:/l"];
             all.extend_from_slice(args);
             let config = Config::try_parse_from(all).unwrap();
             check(&[(config, Origin::default())])
@@ -422,7 +446,7 @@ mod tests {
             (
                 "[[enclaves]]\nenclave = \"unix:/e1\"\n[[enclaves]]\nenclave = \"unix:/e2\"\n"
                     .to_string(),
-                "both send egress to listen vsock:any:5001",
+                "is vsock, where egress streams are told apart by the peer's CID",
             ),
         ] {
             let e = load(&text).expect_err(&text);

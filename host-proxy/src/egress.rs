@@ -35,18 +35,16 @@ pub async fn serve(listener: Listener, enclaves: Vec<Arc<Shared>>) {
     .await;
 }
 
-/// The enclave a stream from vsock context `cid` (`None` on a Unix socket) belongs to: the one
-/// whose `--enclave` has that CID. A listener of one enclave reached over a Unix socket takes
-/// every stream (`check` refuses a Unix listener shared by two enclaves).
+/// The enclave of `enclaves` (those listening here) a stream belongs to, by its transport: on
+/// vsock (`cid` is the peer's), the one whose `--enclave` has that CID, and no other; on a Unix
+/// socket (`cid` is `None`: the stand-in, or a hybrid vsock path), the listener's one enclave
+/// (`check` refuses a Unix listener shared by two, and a vsock listener of an enclave without a
+/// CID).
 pub fn attribute(enclaves: &[Arc<Shared>], cid: Option<u32>) -> Option<&Arc<Shared>> {
-    if let Some(cid) = cid {
-        if let Some(e) = enclaves.iter().find(|e| e.config.cid() == Some(cid)) {
-            return Some(e);
-        }
-    }
-    match enclaves {
-        [only] if only.config.cid().is_none() => Some(only),
-        _ => None,
+    match (cid, enclaves) {
+        (Some(cid), _) => enclaves.iter().find(|e| e.config.cid() == Some(cid)),
+        (None, [only]) => Some(only),
+        (None, _) => None,
     }
 }
 
@@ -243,9 +241,15 @@ mod tests {
             "a CID served by none"
         );
         assert_eq!(label(attribute(&both, None)), None);
-        // One vsock enclave still checks the CID; one enclave on a Unix socket takes all.
+        // One vsock enclave still checks the CID; one enclave on a Unix socket takes all its
+        // (CID-less) streams, whatever its own address, and no vsock stream.
         assert_eq!(label(attribute(&both[..1], Some(3))), None);
+        assert!(
+            attribute(&both[..1], None).is_some(),
+            "vsock enclave, unix listen"
+        );
         let unix = [enclave("unix:/e")];
-        assert!(attribute(&unix, None).is_some() && attribute(&unix, Some(3)).is_some());
+        assert!(attribute(&unix, None).is_some());
+        assert!(attribute(&unix, Some(3)).is_none());
     }
 }

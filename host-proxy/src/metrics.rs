@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use common::exposition::{encode_counters, Labels};
+use common::exposition::{encode_counters, label_value, Labels};
 use common::metrics::Counters;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -62,7 +62,7 @@ struct EnclavesCollector<T>(Vec<Arc<T>>);
 
 impl<T: Enclave> Collector for EnclavesCollector<T> {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let labels = |e: &T| -> Labels { vec![("enclave", e.label().to_string())] };
+        let labels = |e: &T| -> Labels { vec![("enclave", label_value(e.label()))] };
         let each: Vec<(Labels, &Counters)> =
             self.0.iter().map(|e| (labels(e), e.counters())).collect();
         encode_counters(&mut encoder, &each)?;

@@ -39,15 +39,17 @@ impl Served {
         shared: &Arc<Shared>,
         strict: bool,
     ) -> Result<(), StartError> {
+        self.release(config).await;
+        self.bind_new(config, shared, strict).await
+    }
+
+    /// Stops the publishes `config` no longer has (or whose enclave port changed), so their
+    /// addresses are free. A reload releases for every enclave before any binds: a port moving
+    /// from one enclave to another is then free when its new enclave binds it.
+    pub async fn release(&mut self, config: &Config) {
         for is_udp in [false, true] {
-            let specs = if is_udp {
-                &config.publish_udp
-            } else {
-                &config.publish
-            };
-            let want: HashMap<SocketAddr, u16> = specs.iter().flat_map(|p| p.pairs()).collect();
+            let want = wanted(config, is_udp);
             let map = if is_udp { &mut self.udp } else { &mut self.tcp };
-            // What goes (or changes) stops first, so its address is free for its replacement.
             let gone: Vec<SocketAddr> = map
                 .iter()
                 .filter(|(addr, (port, _))| want.get(addr) != Some(port))
@@ -60,6 +62,20 @@ impl Served {
                     info!(%addr, enclave.port = port, udp = is_udp, "stopped publishing");
                 }
             }
+        }
+    }
+
+    /// Binds the publishes of `config` not yet served. At start (`strict`) a port that cannot be
+    /// bound is the error returned; on reload it is logged and the others still apply.
+    pub async fn bind_new(
+        &mut self,
+        config: &Config,
+        shared: &Arc<Shared>,
+        strict: bool,
+    ) -> Result<(), StartError> {
+        for is_udp in [false, true] {
+            let want = wanted(config, is_udp);
+            let map = if is_udp { &mut self.udp } else { &mut self.tcp };
             let mut new: Vec<(SocketAddr, u16)> = want
                 .into_iter()
                 .filter(|(addr, _)| !map.contains_key(addr))
@@ -100,6 +116,16 @@ impl Served {
             task.abort();
         }
     }
+}
+
+/// Each listen address of `config`'s publishes (UDP or TCP) and its enclave port.
+fn wanted(config: &Config, is_udp: bool) -> HashMap<SocketAddr, u16> {
+    let specs = if is_udp {
+        &config.publish_udp
+    } else {
+        &config.publish
+    };
+    specs.iter().flat_map(|p| p.pairs()).collect()
 }
 
 /// Binds one published address and starts accepting on it.
@@ -160,10 +186,14 @@ pub async fn reload(
             if let Err(e) = transparent.apply(&ranges, port).await {
                 error!("SIGHUP: {e}; the transparent ranges in force stay");
             }
+            // Every enclave lets go of what it no longer publishes before any binds.
+            for (config, served) in configs.iter().zip(served.iter_mut()) {
+                served.release(config).await;
+            }
             for ((config, shared), served) in configs.iter().zip(enclaves).zip(served) {
                 shared.policy.set_operator_rules(operator_rules(config));
                 // Binding failures are logged inside; nothing else can fail.
-                let _ = served.apply(config, shared, false).await;
+                let _ = served.bind_new(config, shared, false).await;
                 info!(
                     enclave = %shared.label,
                     published = ?served.describe(),

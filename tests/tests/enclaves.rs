@@ -49,21 +49,24 @@ async fn two_enclaves_stay_apart() {
         .arg(format!("unix:{}", sock("enclave-b.sock").display()));
     let enclave_b = Daemon::start("enclave-proxy", cmd, sock("enclave-proxy-b.log"));
     let config = sock("two.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "metrics = \"{METRICS}\"\n\n\
-             [[enclaves]]\nname = \"a\"\nenclave = \"unix:{}\"\nlisten = \"unix:{}\"\n\
-             publish = [\"18080:8080\"]\ndeny = [\"10.98.0.2/32:9100\"]\n\n\
-             [[enclaves]]\nname = \"b\"\nenclave = \"unix:{}\"\nlisten = \"unix:{}\"\n\
-             publish = [\"18081:8080\"]\n",
-            sock("enclave.sock").display(),
-            sock("host.sock").display(),
-            sock("enclave-b.sock").display(),
-            sock("host-b.sock").display(),
-        ),
-    )
-    .unwrap();
+    let write = |a: &str, b: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "metrics = \"{METRICS}\"\n\n\
+                 [[enclaves]]\nname = \"a\"\nenclave = \"unix:{}\"\nlisten = \"unix:{}\"\n\
+                 publish = [{a}]\ndeny = [\"10.98.0.2/32:9100\"]\n\n\
+                 [[enclaves]]\nname = \"b\"\nenclave = \"unix:{}\"\nlisten = \"unix:{}\"\n\
+                 publish = [{b}]\n",
+                sock("enclave.sock").display(),
+                sock("host.sock").display(),
+                sock("enclave-b.sock").display(),
+                sock("host-b.sock").display(),
+            ),
+        )
+        .unwrap();
+    };
+    write("\"18080:8080\"", "\"18081:8080\"");
     let mut cmd = topo.parent.command(bin("host-proxy").to_str().unwrap());
     cmd.arg("--config").arg(&config);
     let host = Daemon::start("host-proxy", cmd, sock("host-proxy-two.log"));
@@ -124,6 +127,25 @@ async fn two_enclaves_stay_apart() {
         assert_eq!(get("b", "connections_denied_total", "egress"), 0.0);
         assert_eq!(get("b", "connections_opened_total", "egress"), 1.0);
         assert_eq!(get("a", "connections_opened_total", "egress"), 0.0);
+
+        // A reload moves 18081 from b to a: b lets go of it before a binds it.
+        write("\"18080:8080\", \"18081:8080\"", "\"18082:8080\"");
+        host.signal(nix::sys::signal::Signal::SIGHUP);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while host
+            .log_text()
+            .matches("SIGHUP: configuration reloaded")
+            .count()
+            < 2
+        {
+            assert!(std::time::Instant::now() < deadline, "{}", logs());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        for (port, want) in [(18080, "a"), (18081, "a"), (18082, "b")] {
+            let s = topo.client.connect(published(port)).await.unwrap();
+            assert_eq!(read_all(s).await.unwrap(), want, "port {port}\n{}", logs());
+        }
+        assert!(!host.log_text().contains("cannot listen"), "{}", logs());
     })
     .await;
     drop(host);

@@ -151,6 +151,8 @@ async fn enclave_proxy_metrics_at_the_gateway_and_through_a_publish() {
         s.shutdown().await.unwrap();
         assert_eq!(drained.await.unwrap(), len as u64);
         read_all(s).await.unwrap();
+        // The stack's figures are read at most every 200 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let (_, after) = http(&topo.client, published, "GET /metrics HTTP/1.1").await;
         promtool_check(&after).unwrap();
         let rise = |series: &str| get(&after, series) - get(&before, series);
@@ -168,6 +170,7 @@ async fn enclave_proxy_metrics_at_the_gateway_and_through_a_publish() {
         assert_eq!(get(&after, "tap_dropped_total{direction=\"out\"}"), 0.0);
 
         // From inside the enclave, at the gateway: this scrape is itself a socket of the stack.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let (status, inside) = http(&topo.enclave, gateway, "GET /metrics HTTP/1.1").await;
         assert_eq!(status, 200, "{inside}");
         promtool_check(&inside).unwrap();
