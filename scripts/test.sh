@@ -20,6 +20,8 @@ stage "docs"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked
 stage "build (release)"
 cargo build --release --workspace --bins --locked
+stage "microVM image (QEMU, kernel, vhost-device-vsock, static binaries, initramfs)"
+bash scripts/microvm.sh
 stage "tests (release, as root)"
 cargo test --release --workspace --locked
 stage "fuzz (60 s per target)"

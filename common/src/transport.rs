@@ -208,7 +208,7 @@ async fn listen_unix(path: PathBuf) -> io::Result<Listener> {
 }
 
 /// The longest answer to `CONNECT` read: `OK ` and a port number, with room to spare.
-const HYBRID_ANSWER_MAX: usize = 64;
+pub const HYBRID_ANSWER_MAX: usize = 64;
 
 /// The hybrid vsock handshake on a fresh connection to the VMM's socket: `CONNECT port\n`, then
 /// `OK <number>\n` back. Read a byte at a time, so nothing after the answer is consumed. A VMM

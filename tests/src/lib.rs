@@ -11,6 +11,7 @@ pub mod dns;
 pub mod docker;
 pub mod idle;
 pub mod lab;
+pub mod microvm;
 pub mod netns;
 pub mod process;
 pub mod scrape;

@@ -50,9 +50,28 @@ impl Daemon {
     /// between SIGTERM and SIGKILL.
     pub fn start_with(
         name: &str,
+        command: Command,
+        log: PathBuf,
+        marker: &str,
+        stop_timeout: Duration,
+    ) -> Daemon {
+        Daemon::start_within(
+            name,
+            command,
+            log,
+            marker,
+            Duration::from_secs(30),
+            stop_timeout,
+        )
+    }
+
+    /// Like [`Daemon::start_with`], waiting up to `ready_timeout` for `marker`.
+    pub fn start_within(
+        name: &str,
         mut command: Command,
         log: PathBuf,
         marker: &str,
+        ready_timeout: Duration,
         stop_timeout: Duration,
     ) -> Daemon {
         let file = std::fs::File::create(&log).expect("create log");
@@ -73,12 +92,12 @@ impl Daemon {
             name: name.into(),
             stop_timeout,
         };
-        daemon.wait_ready(marker);
+        daemon.wait_ready(marker, ready_timeout);
         daemon
     }
 
-    fn wait_ready(&mut self, marker: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn wait_ready(&mut self, marker: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.log_text().contains(marker) {
                 return;
@@ -96,7 +115,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("{} not ready after 30 s:\n{}", self.name, self.log_text());
+        panic!(
+            "{} not ready after {timeout:?}:\n{}",
+            self.name,
+            self.log_text()
+        );
     }
 
     /// The daemon's log so far.

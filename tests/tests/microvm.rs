@@ -1,0 +1,291 @@
+//! The pair on real vsock in a booted guest (issue: "A booted enclave on real vsock").
+//!
+//! Hybrid: enclave-proxy inside a QEMU guest (`--listen vsock:any:5000 --host vsock:2:5001`),
+//! started by the guest's /init as an enclave image would start it; host-proxy on this side
+//! speaking hybrid vsock to vhost-device-vsock natively (`hvsock:`). Clients, servers and the
+//! resolver live in the test's own namespaces, as in the emulated topology:
+//!
+//! ```text
+//!  client 10.99.0.2 ── 10.99.0.1 parent 10.98.0.1 ── 10.98.0.2 internet (+ 10.97.0.1,
+//!                                 host-proxy                       169.254.169.254, dnsmasq)
+//!                                     ║ hvsock: Unix socket of vhost-device-vsock
+//!                                 QEMU guest (CID 4): enclave-proxy, the probe's servers
+//! ```
+//!
+//! Run as root, after scripts/microvm.sh (scripts/test.sh runs it). Nothing is sent outside the
+//! namespaces and the guest.
+#![allow(clippy::unwrap_used, missing_docs, clippy::disallowed_types)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use enclave_net_tests::microvm::{Guest, Vsock};
+use enclave_net_tests::netns::{remove_stale, veth, Netns};
+use enclave_net_tests::process::{bin, Daemon};
+use enclave_net_tests::topology::{TempDir, CLIENT_IP, PARENT_IP};
+use enclave_net_tests::traffic::*;
+use enclave_net_tests::{bounded, internet, require_root};
+
+const MIB64: usize = 64 << 20;
+
+/// The test's namespaces: client, parent and internet, joined as in the emulated topology.
+struct Net {
+    client: Netns,
+    parent: Netns,
+    internet: Netns,
+}
+
+fn namespaces() -> Net {
+    remove_stale();
+    let client = Netns::new("c");
+    let parent = Netns::new("p");
+    let internet = Netns::new("i");
+    veth(
+        &parent,
+        "toclient",
+        "10.99.0.1/24",
+        &client,
+        "toparent",
+        "10.99.0.2/24",
+    );
+    veth(
+        &parent,
+        "tonet",
+        "10.98.0.1/24",
+        &internet,
+        "toparent",
+        "10.98.0.2/24",
+    );
+    internet.ip(&["addr", "add", "10.97.0.1/32", "dev", "lo"]);
+    internet.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    client.ip(&["route", "add", "default", "via", "10.99.0.1"]);
+    parent.ip(&["route", "add", "default", "via", "10.98.0.2"]);
+    internet.ip(&["route", "add", "default", "via", "10.98.0.1"]);
+    Net {
+        client,
+        parent,
+        internet,
+    }
+}
+
+/// host-proxy in the parent, reaching guest `uds` over hybrid vsock, publishing 18080-18085 to
+/// the guest's 8080-8085.
+fn host_proxy(net: &Net, dir: &TempDir, uds: &std::path::Path) -> Daemon {
+    let mut cmd = net.parent.command(bin("host-proxy").to_str().unwrap());
+    let hv = |port: u32| format!("hvsock:{}:{port}", uds.display());
+    cmd.args(["--enclave", &hv(5000), "--listen", &hv(5001)]);
+    cmd.args(["--publish", "18080-18085:8080-8085"]);
+    cmd.args(["--deny", "10.97.0.0/24", "--dns-upstream", "10.98.0.2"]);
+    Daemon::start("host-proxy", cmd, dir.0.join("host-proxy.log"))
+}
+
+/// The guest's RUST_LOG: TEST_RUST_LOG, as for the daemons on this side.
+fn log_level() -> String {
+    std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into())
+}
+
+/// Prints the logs if the test fails.
+struct DumpOnPanic<'a>(&'a dyn Fn() -> String);
+
+impl Drop for DumpOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", (self.0)());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_vsock_ingress_egress_resets_and_dns() {
+    require_root();
+    let net = namespaces();
+    let dir = TempDir::new("microvm-hybrid");
+    let _dns = enclave_net_tests::dns::dnsmasq(
+        &net.internet,
+        "10.98.0.2".parse().unwrap(),
+        &dir.0,
+        60,
+        &["--host-record=web.enclave.test,10.1.2.3".to_string()],
+    );
+    let vsock = Vsock::start(&dir, &[4]);
+    let serve = [
+        "peer:8080",
+        "exchange:8081:67108864",
+        "reset:8083",
+        "watch:8084",
+    ]
+    .iter()
+    .map(|s| format!("--serve,{s}"))
+    .collect::<Vec<_>>()
+    .join(",");
+    let guest = Guest::boot(
+        &dir,
+        &vsock,
+        4,
+        &format!(
+            "enet.role=enclave enet.serve={serve} enet.log={}",
+            log_level()
+        ),
+    );
+    let host = host_proxy(&net, &dir, &guest.uds);
+    let logs = || {
+        format!(
+            "--- guest\n{}\n--- host-proxy\n{}\n--- vhost-device-vsock\n{}",
+            guest.console(),
+            host.log_text(),
+            vsock.log_text()
+        )
+    };
+    let _dump = DumpOnPanic(&logs);
+    let published = |port: u16| SocketAddr::from((PARENT_IP, port));
+    bounded(600, async {
+        // Ingress: the server sees the client's own address.
+        let s = net.client.connect(published(18080)).await.unwrap();
+        assert_eq!(
+            read_all(s).await.unwrap().trim(),
+            CLIENT_IP.to_string(),
+            "{}",
+            logs()
+        );
+        // A closed port in the guest: the client is reset, at once.
+        let started = Instant::now();
+        let closed = match net.client.connect(published(18085)).await {
+            Err(e) => Some(e.kind()),
+            Ok(mut s) => drain(&mut s).await.1.err().map(|e| e.kind()),
+        };
+        assert_eq!(
+            closed,
+            Some(std::io::ErrorKind::ConnectionReset),
+            "{}",
+            logs()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        // 64 MiB each way, checked end to end.
+        let data = client_payload(41, MIB64);
+        let started = Instant::now();
+        let s = net.client.connect(published(18081)).await.unwrap();
+        let (hash, n) = exchange(s, &data).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(n, MIB64, "{}", logs());
+        assert!(
+            hash == sha(&payload(reply_seed(41), MIB64)),
+            "the reply arrived changed"
+        );
+        let line = format!(
+            "exchange 41 received {MIB64} bytes, sha256 {}",
+            hex(&sha(&data))
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !guest.console().contains(&line) {
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not get it intact\n{}",
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "ingress 64 MiB each way: {:.1} s, {:.0} Mbit/s each way",
+            took.as_secs_f64(),
+            (MIB64 * 8) as f64 / took.as_secs_f64() / 1e6
+        );
+        // A reset crosses both ways: from the guest's server to the client ...
+        let mut s = net.client.connect(published(18083)).await.unwrap();
+        let (_, how) = drain(&mut s).await;
+        assert_eq!(
+            how.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+        // ... and from the client to the guest's server.
+        let s = net.client.connect(published(18084)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        reset(s);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while guest.probe("watched").await != "reset" {
+            assert!(
+                Instant::now() < deadline,
+                "the guest saw no reset\n{}",
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // Egress: reach, 64 MiB each way.
+        let mut done = serve_exchange(net.internet.listen(any(9000)), MIB64);
+        let started = Instant::now();
+        let answer = guest
+            .probe(&format!("exchange {} 42 {MIB64}", internet(9000)))
+            .await;
+        let took = started.elapsed();
+        let want_reply = hex(&sha(&payload(reply_seed(42), MIB64)));
+        let sent = hex(&sha(&client_payload(42, MIB64)));
+        assert_eq!(
+            answer,
+            format!("ok {MIB64} {want_reply} {sent}"),
+            "{}",
+            logs()
+        );
+        let (seed, got, n) = done.recv().await.unwrap();
+        assert_eq!(
+            (seed, n, hex(&got)),
+            (42, MIB64, sent),
+            "the server got it changed"
+        );
+        println!(
+            "egress 64 MiB each way: {:.1} s, {:.0} Mbit/s each way",
+            took.as_secs_f64(),
+            (MIB64 * 8) as f64 / took.as_secs_f64() / 1e6
+        );
+        // Refused, denied, and the metadata service closed: each fails at once, as it should.
+        let code = |answer: &str| answer.split(' ').nth(1).map(str::to_string);
+        let refused = guest.probe(&format!("connect {}", internet(9999))).await;
+        assert_eq!(
+            code(&refused).as_deref(),
+            Some("111"),
+            "ECONNREFUSED: {refused}"
+        );
+        let denied = guest.probe("connect 10.97.0.1:80").await;
+        assert_eq!(
+            code(&denied).as_deref(),
+            Some("113"),
+            "EHOSTUNREACH: {denied}"
+        );
+        let metadata = guest.probe("connect 169.254.169.254:80").await;
+        assert_eq!(code(&metadata).as_deref(), Some("113"), "{metadata}");
+        // Resets both ways on egress.
+        let resetting = net.internet.listen(any(9001));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = resetting.accept().await {
+                reset(s);
+            }
+        });
+        assert_eq!(
+            guest.probe(&format!("read-reset {}", internet(9001))).await,
+            "reset"
+        );
+        let watching = net.internet.listen(any(9002));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = watching.accept().await.unwrap();
+            let _ = tx.send(drain(&mut s).await.1.map_err(|e| e.kind()));
+        });
+        assert_eq!(
+            guest.probe(&format!("reset {}", internet(9002))).await,
+            "ok"
+        );
+        assert_eq!(
+            rx.await.unwrap(),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "the server saw the guest's reset"
+        );
+        // DNS at the gateway, answered by the parent's resolver.
+        let answer = guest.probe("dns 10.240.0.1:53 web.enclave.test").await;
+        assert_eq!(answer, "ok 0 10.1.2.3", "{}", logs());
+    })
+    .await;
+    println!("boot to ready: {:.1} s", guest.boot.as_secs_f64());
+}
