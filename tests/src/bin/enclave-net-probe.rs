@@ -10,6 +10,7 @@
 //! the agent's commands, one line per connection:
 //!   exchange ADDR SEED LEN   -> ok RECEIVED HASH SENT_HASH | err ERRNO
 //!   connect ADDR             -> ok MS | err ERRNO MS
+//!   half-close ADDR SEED LEN -> ok REPLY (sends, shuts its side, reads the reply to its end)
 //!   reset ADDR               -> ok (connects, sends a byte, resets)
 //!   read-reset ADDR          -> reset | eof | err ERRNO (how the server's side ended)
 //!   watched                  -> how the last watch:P client ended: reset | eof | none
@@ -139,6 +140,22 @@ async fn run(line: &str, watched: &Watched) -> String {
                 Err(e) => errno(&e),
                 Ok(s) => match exchange(s, &data).await {
                     Ok((hash, n)) => format!("ok {n} {} {}", hex(&hash), hex(&sha(&data))),
+                    Err(e) => errno(&e),
+                },
+            }
+        }
+        Some("half-close") => {
+            let (Some(to), Some(seed), Some(len)) = (
+                addr(1),
+                words.get(2).and_then(|s| s.parse::<u64>().ok()),
+                words.get(3).and_then(|s| s.parse::<usize>().ok()),
+            ) else {
+                return "err usage".into();
+            };
+            match TcpStream::connect(to).await {
+                Err(e) => errno(&e),
+                Ok(s) => match send_then_read(s, &client_payload(seed, len)).await {
+                    Ok(reply) => format!("ok {reply}"),
                     Err(e) => errno(&e),
                 },
             }
