@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Builds the microVM guest's initramfs (a gzipped newc cpio) for scripts/microvm.sh.
+"""Builds the microVM guest's initramfs (a newc cpio, gzipped if OUT ends in .gz) for
+scripts/microvm.sh.
 
-    microvm-initramfs.py OUT.cpio.gz MODULES_DIR INIT_SCRIPT FILE=DEST... -- MODULE...
+    microvm-initramfs.py OUT MODULES_DIR INIT_SCRIPT ENTRY... -- MODULE...
 
 MODULES_DIR is the kernel's lib/modules/VERSION. Each MODULE is resolved with the modules it
 depends on (read from each .ko's own `depends=` in .modinfo, so no depmod is needed), and the
-list goes into /etc/modules.order in an order insmod can follow. FILE=DEST copies a file (a
-static binary, busybox) to DEST in the image. Written with Python's standard library only, the
+list goes into /etc/modules.order in an order insmod can follow. An ENTRY is FILE=DEST (a file
+to DEST in the image), +FILE (a dynamic binary at its own path with every library `ldd` lists
+for it), or DIR/ (a directory, recursively, at its own path). Written with Python's standard library only, the
 archive entries sorted, so the same inputs give the same bytes."""
-import gzip, io, os, stat, sys
+import gzip, io, os, stat, subprocess, sys
 
 
 def modinfo_depends(path):
@@ -93,17 +95,32 @@ def main():
         add_dirs(d + '/x')
         entries.setdefault(d, (stat.S_IFDIR | 0o755, None))
     add('init', open(init, 'rb').read(), 0o755)
+    def copy(src, dest):
+        add(dest, open(src, 'rb').read(), os.stat(src).st_mode & 0o777)
+
     for spec in files:
-        src, dest = spec.split('=', 1)
-        mode = os.stat(src).st_mode & 0o777
-        add(dest, open(src, 'rb').read(), mode)
+        if spec.startswith('+'):
+            binary = spec[1:]
+            copy(binary, binary)
+            ldd = subprocess.run(['ldd', binary], capture_output=True, text=True).stdout
+            for word in ldd.split():
+                if word.startswith('/'):
+                    copy(word, word)
+        elif spec.endswith('/'):
+            for root, _, names in os.walk(spec):
+                for n in names:
+                    path = os.path.join(root, n)
+                    copy(path, path)
+        else:
+            src, dest = spec.split('=', 1)
+            copy(src, dest)
     for name in order:
         add(f'lib/modules/{name}.ko', open(found[name], 'rb').read(), 0o644)
     add('etc/modules.order', ''.join(f'{n}\n' for n in order).encode(), 0o644)
     archive = cpio(sorted((p, m, d) for p, (m, d) in entries.items()))
     tmp = out + '.tmp'
     with open(tmp, 'wb') as f:
-        f.write(gzip.compress(archive, compresslevel=6, mtime=0))
+        f.write(gzip.compress(archive, compresslevel=6, mtime=0) if out.endswith('.gz') else archive)
     os.replace(tmp, out)
     print(f'{out}: {len(order)} modules ({", ".join(order)}), {len(archive) >> 20} MiB unpacked')
 

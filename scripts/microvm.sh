@@ -6,7 +6,10 @@
 #     modules), unpacked with dpkg-deb, not installed;
 #   - vhost-device-vsock 0.3.0 (crates.io), with `cargo install` into .microvm/tools;
 #   - both daemons and the test probe as static-pie binaries;
-#   - the initramfs: busybox, the modules the guest loads, those binaries, microvm/init.
+#   - the initramfs: busybox, the modules the guest loads, those binaries, microvm/init;
+#   - a second, larger one for the Docker guest: also Debian's dockerd, containerd, runc and
+#     docker CLI with their libraries, iptables-legacy, the bridge and NAT modules (not
+#     iptable_raw, nothing of nf_tables: the enclave kernel has neither), and a memcached image.
 # Idempotent: each step is skipped when its result is already there and up to date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +18,7 @@ require_root
 
 DIR=${MICROVM_DIR:-$PWD/.microvm}
 mkdir -p "$DIR"
-ensure_packages qemu-system-x86 busybox-static python3
+ensure_packages qemu-system-x86 busybox-static python3 docker.io memcached iptables
 ensure_cargo
 
 # Debian's cloud kernel, as a package file unpacked into $DIR/kernel.
@@ -68,5 +71,39 @@ if [ $stale = 1 ]; then
         /bin/busybox=/bin/busybox "$BIN/enclave-proxy=/usr/bin/enclave-proxy" \
         "$BIN/host-proxy=/usr/bin/host-proxy" "$BIN/enclave-net-probe=/usr/bin/enclave-net-probe" \
         -- "${MODULES[@]}"
+fi
+# The Docker guest's image: uncompressed, as the guest unpacks it faster than it inflates it.
+DOCKER_IMAGE=$DIR/initramfs-docker.cpio
+DOCKER_MODULES=(bridge veth br_netfilter iptable_nat iptable_filter xt_conntrack xt_MASQUERADE
+                xt_addrtype xt_nat xt_tcpudp overlay)
+DOCKER_BINARIES=(/usr/sbin/dockerd /usr/bin/containerd /usr/bin/containerd-shim-runc-v2
+                 /usr/sbin/runc /usr/bin/docker /usr/sbin/docker-proxy /usr/sbin/xtables-legacy-multi)
+stale=0
+[ -f "$DOCKER_IMAGE" ] || stale=1
+for f in "${inputs[@]}" "${DOCKER_BINARIES[@]}" /usr/bin/memcached; do
+    [ "$f" -nt "$DOCKER_IMAGE" ] && stale=1
+done
+if [ $stale = 1 ]; then
+    stage "initramfs with Docker"
+    rootfs=$(mktemp -d)
+    trap 'rm -rf "$rootfs"' EXIT
+    mkdir -p "$rootfs"/{bin,usr/bin,etc,tmp}
+    cp /bin/busybox "$rootfs/bin/" && ln -s busybox "$rootfs/bin/sh"
+    cp /usr/bin/memcached "$rootfs/usr/bin/"
+    for lib in $(ldd /usr/bin/memcached | grep -o '/[^ ]*'); do
+        mkdir -p "$rootfs$(dirname "$lib")" && cp "$lib" "$rootfs$lib"
+    done
+    printf 'root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$rootfs/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+    tar -C "$rootfs" -cf "$DIR/memcached.tar" .
+    rm -rf "$rootfs"
+    trap - EXIT
+    entries=()
+    for b in "${DOCKER_BINARIES[@]}"; do entries+=("+$b"); done
+    python3 scripts/microvm-initramfs.py "$DOCKER_IMAGE" "$(ls -d "$DIR"/kernel/modules/*)" microvm/init \
+        /bin/busybox=/bin/busybox "$BIN/enclave-proxy=/usr/bin/enclave-proxy" \
+        "$BIN/host-proxy=/usr/bin/host-proxy" "$BIN/enclave-net-probe=/usr/bin/enclave-net-probe" \
+        "$DIR/memcached.tar=/images/memcached.tar" /usr/bin/docker-init=/usr/bin/docker-init \
+        "${entries[@]}" /usr/lib/x86_64-linux-gnu/xtables/ -- "${MODULES[@]}" "${DOCKER_MODULES[@]}"
 fi
 echo "microVM ready in $DIR"

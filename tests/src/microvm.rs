@@ -110,10 +110,28 @@ impl Guest {
     /// Boots guest `cid` of `vsock` with `params` on the kernel command line (`enet.role=...`,
     /// see microvm/init); returns once its probe serves.
     pub fn boot(dir: &TempDir, vsock: &Vsock, cid: u32, params: &str) -> Guest {
+        Guest::boot_image(dir, vsock, cid, params, "initramfs.cpio.gz", 512)
+    }
+
+    /// Like [`Guest::boot`], from the Docker image (`initramfs-docker.cpio`), with room for
+    /// the image unpacked, dockerd and a container.
+    pub fn boot_docker(dir: &TempDir, vsock: &Vsock, cid: u32, params: &str) -> Guest {
+        Guest::boot_image(dir, vsock, cid, params, "initramfs-docker.cpio", 1536)
+    }
+
+    fn boot_image(
+        dir: &TempDir,
+        vsock: &Vsock,
+        cid: u32,
+        params: &str,
+        initramfs: &str,
+        mem_mib: u32,
+    ) -> Guest {
         let image = self::dir();
         let (vhost, uds) = vsock.guest(cid);
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-machine", "pc", "-m", "512M", "-smp", "1"]);
+        let mem = format!("{mem_mib}M");
+        cmd.args(["-accel", "tcg", "-machine", "pc", "-m", &mem, "-smp", "1"]);
         cmd.args([
             "-nographic",
             "-nic",
@@ -124,12 +142,12 @@ impl Guest {
         ]);
         cmd.args(["-serial", "stdio"]);
         cmd.arg("-kernel").arg(image.join("kernel/vmlinuz"));
-        cmd.arg("-initrd").arg(image.join("initramfs.cpio.gz"));
+        cmd.arg("-initrd").arg(image.join(initramfs));
         cmd.arg("-append")
             .arg(format!("console=ttyS0 panic=-1 quiet {params}"));
         cmd.args([
             "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
             "-numa",
             "node,memdev=mem",
         ]);
@@ -144,7 +162,7 @@ impl Guest {
             cmd,
             dir.0.join(format!("guest-{cid}.log")),
             "probe agent on vsock port",
-            Duration::from_secs(120),
+            Duration::from_secs(300),
             Duration::from_secs(5),
         );
         Guest {

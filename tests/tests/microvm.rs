@@ -379,3 +379,97 @@ async fn both_daemons_on_real_af_vsock() {
     })
     .await;
 }
+
+/// Docker in the guest, configured like a Nitro enclave: the bridge and NAT modules loaded but
+/// not `iptable_raw` and nothing of nf_tables; Debian's dockerd with its default networking on
+/// iptables-legacy; `docker run -d -p 8080:11211` memcached. host-proxy publishes the guest's
+/// port 8080 over hybrid vsock, and a client's set then get works. The guest's ruleset is
+/// Docker's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_in_the_guest_without_the_raw_table() {
+    use tokio::io::AsyncWriteExt;
+    require_root();
+    let net = namespaces();
+    let dir = TempDir::new("microvm-docker");
+    let vsock = Vsock::start(&dir, &[4]);
+    let guest = Guest::boot_docker(
+        &dir,
+        &vsock,
+        4,
+        &format!("enet.role=docker enet.log={}", log_level()),
+    );
+    let host = host_proxy(&net, &dir, &guest.uds);
+    let logs = || {
+        format!(
+            "--- guest\n{}\n--- host-proxy\n{}",
+            guest.console(),
+            host.log_text()
+        )
+    };
+    let _dump = DumpOnPanic(&logs);
+    let console = guest.console().replace('\r', "");
+    let section = |name: &str| -> Vec<String> {
+        console
+            .split(&format!("--- {name}\n"))
+            .nth(1)
+            .and_then(|rest| rest.split(&format!("--- end {name}")).next())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect()
+    };
+    let modules = section("modules");
+    for want in [
+        "bridge",
+        "br_netfilter",
+        "iptable_nat",
+        "veth",
+        "vmw_vsock_virtio_transport",
+    ] {
+        assert!(
+            modules.iter().any(|m| m == want),
+            "{want} not loaded: {modules:?}"
+        );
+    }
+    for absent in ["iptable_raw", "nf_tables"] {
+        assert!(
+            !modules.iter().any(|m| m == absent),
+            "{absent} loaded: {modules:?}"
+        );
+    }
+    let rules = section("iptables-legacy-save");
+    let appended: Vec<&String> = rules.iter().filter(|l| l.starts_with("-A ")).collect();
+    assert!(
+        appended
+            .iter()
+            .any(|l| l.contains("DNAT") && l.contains(":11211")),
+        "no DNAT for the published port: {rules:?}"
+    );
+    assert!(
+        // Docker's chains, its bridge, or its bridge's subnet (172.17.0.0/16).
+        appended
+            .iter()
+            .all(|l| l.contains("DOCKER") || l.contains("docker0") || l.contains(" 172.17.")),
+        "a rule that is not Docker's: {rules:?}"
+    );
+    assert!(!rules.iter().any(|l| l == "*raw"), "a raw table: {rules:?}");
+    bounded(120, async {
+        let mut s = net
+            .client
+            .connect(SocketAddr::from((PARENT_IP, 18080)))
+            .await
+            .unwrap();
+        let stored = memcached(&mut s, "set enclave 0 0 5\r\nhello\r\n", "\r\n").await;
+        assert_eq!(stored.unwrap(), "STORED\r\n", "{}", logs());
+        let got = memcached(&mut s, "get enclave\r\n", "END\r\n")
+            .await
+            .unwrap();
+        assert_eq!(got, "VALUE enclave 0 5\r\nhello\r\nEND\r\n");
+        s.shutdown().await.unwrap();
+    })
+    .await;
+    println!(
+        "docker guest boot to memcached serving: {:.1} s",
+        guest.boot.as_secs_f64()
+    );
+}
