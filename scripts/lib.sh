@@ -59,4 +59,4 @@ require_root() {
 
 PACKAGES=(ca-certificates build-essential pkg-config iproute2 iptables nftables docker.io
           memcached libmemcached-tools iperf3 socat busybox-static slirp4netns passt procps
-          dnsmasq-base docker-registry systemd prometheus)
+          dnsmasq-base docker-registry systemd prometheus qemu-system-x86 python3 nix-bin)

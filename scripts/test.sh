@@ -18,6 +18,11 @@ stage "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 stage "docs"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked
+stage "nix flake and start scripts (parse only: nixpkgs cannot be fetched here)"
+ensure_packages nix-bin
+nix-instantiate --option build-users-group "" --parse nix/flake.nix > /dev/null
+busybox sh -n nix/enclave-start.sh
+busybox sh -n microvm/init
 stage "build (release)"
 cargo build --release --workspace --bins --locked
 stage "microVM image (QEMU, kernel, vhost-device-vsock, static binaries, initramfs)"

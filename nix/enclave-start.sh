@@ -1,0 +1,31 @@
+#!/bin/sh
+# The enclave image's entrypoint (nix/flake.nix), run by AWS's enclave init, which sets up no
+# networking, not even lo. The start sequence the README recommends ("Starting in the enclave"),
+# the same as the microVM test's /init (microvm/init):
+#   1. enclave-proxy, and wait until it serves: it says READY=1 into a FIFO, read with a
+#      blocking read (no sleeping, no polling of the network);
+#   2. dockerd, with its default networking on iptables-legacy (the enclave kernel has no
+#      nf_tables and no raw table; Docker 28 and later need DOCKER_INSECURE_NO_IPTABLES_RAW=1
+#      to publish ports without the raw table);
+#   3. the application: the command given as arguments, if any.
+set -eu
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mkdir -p /run /tmp /var/lib/docker /etc
+mkfifo /run/enclave-proxy.ready
+enclave-proxy --listen vsock:any:5000 --host vsock:3:5001 \
+    --resolv-conf /etc/resolv.conf --ready-file /run/enclave-proxy.ready &
+if ! timeout 60 sh -c 'read -r line < /run/enclave-proxy.ready && [ "$line" = READY=1 ]'; then
+    echo "enclave-start: enclave-proxy did not become ready" >&2
+    exit 1
+fi
+
+mountpoint -q /sys/fs/cgroup || { mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup; }
+export DOCKER_INSECURE_NO_IPTABLES_RAW=1 DOCKER_RAMDISK=true
+dockerd --host unix:///var/run/docker.sock &
+until docker version > /dev/null 2>&1; do sleep 0.2; done
+
+if [ $# -gt 0 ]; then
+    exec "$@"
+fi
+wait
