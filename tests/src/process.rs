@@ -304,3 +304,19 @@ pub fn terminate(pid: u32, timeout: Duration) {
     }
     let _ = kill(target, Signal::SIGKILL);
 }
+
+/// Runs `cmd` to its end with `input` on its standard input; its output. `what` names the
+/// program in the panic if it cannot start.
+pub fn run_with_input(cmd: &mut Command, input: &str, what: &str) -> std::process::Output {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(input.as_bytes()).expect("write stdin");
+    drop(stdin);
+    child.wait_with_output().expect("wait")
+}

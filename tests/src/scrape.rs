@@ -35,21 +35,9 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 /// `promtool check metrics` (Debian's `prometheus`) on an exposition: the lint's complaints, or
 /// `Ok` when it has none.
 pub fn promtool_check(text: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = std::process::Command::new("promtool");
+    cmd.args(["check", "metrics"]);
+    let out = crate::process::run_with_input(&mut cmd, text, "promtool (Debian's prometheus)");
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -58,6 +58,54 @@ impl Drop for TempDir {
     }
 }
 
+/// Everything outside the enclave: the client, the parent and the internet namespaces, joined
+/// and addressed as drawn at the top of this module.
+#[derive(Debug)]
+pub struct Outside {
+    /// The client machine.
+    pub client: Netns,
+    /// The parent instance.
+    pub parent: Netns,
+    /// The outside world (with 10.97.0.1 and 169.254.169.254 on its loopback).
+    pub internet: Netns,
+}
+
+impl Outside {
+    /// Builds the three namespaces (removing stale ones of earlier runs first).
+    pub fn build() -> Outside {
+        remove_stale();
+        let client = Netns::new("c");
+        let parent = Netns::new("p");
+        let internet = Netns::new("i");
+        veth(
+            &parent,
+            "toclient",
+            "10.99.0.1/24",
+            &client,
+            "toparent",
+            "10.99.0.2/24",
+        );
+        veth(
+            &parent,
+            "tonet",
+            "10.98.0.1/24",
+            &internet,
+            "toparent",
+            "10.98.0.2/24",
+        );
+        internet.ip(&["addr", "add", "10.97.0.1/32", "dev", "lo"]);
+        internet.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+        client.ip(&["route", "add", "default", "via", "10.99.0.1"]);
+        parent.ip(&["route", "add", "default", "via", "10.98.0.2"]);
+        internet.ip(&["route", "add", "default", "via", "10.98.0.1"]);
+        Outside {
+            client,
+            parent,
+            internet,
+        }
+    }
+}
+
 /// The whole emulated deployment. Fields drop in order: daemons first, then namespaces, then
 /// the directory.
 #[derive(Debug)]
@@ -86,32 +134,12 @@ impl Topology {
     /// Builds the namespaces and starts both daemons with the default publish (18080→8080)
     /// plus the extra arguments given.
     pub fn start(host_extra: &[&str], enclave_extra: &[&str]) -> Topology {
-        remove_stale();
-        let client = Netns::new("c");
-        let parent = Netns::new("p");
+        let Outside {
+            client,
+            parent,
+            internet,
+        } = Outside::build();
         let enclave = Netns::new("e");
-        let internet = Netns::new("i");
-        veth(
-            &parent,
-            "toclient",
-            "10.99.0.1/24",
-            &client,
-            "toparent",
-            "10.99.0.2/24",
-        );
-        veth(
-            &parent,
-            "tonet",
-            "10.98.0.1/24",
-            &internet,
-            "toparent",
-            "10.98.0.2/24",
-        );
-        internet.ip(&["addr", "add", "10.97.0.1/32", "dev", "lo"]);
-        internet.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
-        client.ip(&["route", "add", "default", "via", "10.99.0.1"]);
-        parent.ip(&["route", "add", "default", "via", "10.98.0.2"]);
-        internet.ip(&["route", "add", "default", "via", "10.98.0.1"]);
         let dir = TempDir::new(internet.name());
         let link = |name: &str| format!("unix:{}", dir.0.join(name).display());
         let mut host_args = vec![

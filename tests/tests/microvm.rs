@@ -20,57 +20,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use enclave_net_tests::microvm::{Guest, Vsock};
-use enclave_net_tests::netns::{remove_stale, veth, Netns};
 use enclave_net_tests::process::{bin, Daemon};
-use enclave_net_tests::topology::{TempDir, CLIENT_IP, PARENT_IP};
+use enclave_net_tests::topology::{Outside, TempDir, CLIENT_IP, PARENT_IP};
 use enclave_net_tests::traffic::*;
 use enclave_net_tests::{bounded, internet, require_root};
 
 const MIB64: usize = 64 << 20;
 
-/// The test's namespaces: client, parent and internet, joined as in the emulated topology.
-struct Net {
-    client: Netns,
-    parent: Netns,
-    internet: Netns,
-}
-
-fn namespaces() -> Net {
-    remove_stale();
-    let client = Netns::new("c");
-    let parent = Netns::new("p");
-    let internet = Netns::new("i");
-    veth(
-        &parent,
-        "toclient",
-        "10.99.0.1/24",
-        &client,
-        "toparent",
-        "10.99.0.2/24",
-    );
-    veth(
-        &parent,
-        "tonet",
-        "10.98.0.1/24",
-        &internet,
-        "toparent",
-        "10.98.0.2/24",
-    );
-    internet.ip(&["addr", "add", "10.97.0.1/32", "dev", "lo"]);
-    internet.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
-    client.ip(&["route", "add", "default", "via", "10.99.0.1"]);
-    parent.ip(&["route", "add", "default", "via", "10.98.0.2"]);
-    internet.ip(&["route", "add", "default", "via", "10.98.0.1"]);
-    Net {
-        client,
-        parent,
-        internet,
-    }
-}
-
 /// host-proxy in the parent, reaching guest `uds` over hybrid vsock, publishing 18080-18085 to
 /// the guest's 8080-8085.
-fn host_proxy(net: &Net, dir: &TempDir, uds: &std::path::Path) -> Daemon {
+fn host_proxy(net: &Outside, dir: &TempDir, uds: &std::path::Path) -> Daemon {
     let mut cmd = net.parent.command(bin("host-proxy").to_str().unwrap());
     let hv = |port: u32| format!("hvsock:{}:{port}", uds.display());
     cmd.args(["--enclave", &hv(5000), "--listen", &hv(5001)]);
@@ -98,7 +57,7 @@ impl Drop for DumpOnPanic<'_> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_vsock_ingress_egress_resets_and_dns() {
     require_root();
-    let net = namespaces();
+    let net = Outside::build();
     let dir = TempDir::new("microvm-hybrid");
     let _dns = enclave_net_tests::dns::dnsmasq(
         &net.internet,
@@ -389,7 +348,7 @@ async fn both_daemons_on_real_af_vsock() {
 async fn docker_in_the_guest_without_the_raw_table() {
     use tokio::io::AsyncWriteExt;
     require_root();
-    let net = namespaces();
+    let net = Outside::build();
     let dir = TempDir::new("microvm-docker");
     let vsock = Vsock::start(&dir, &[4]);
     let guest = Guest::boot_docker(

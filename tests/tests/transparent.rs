@@ -33,21 +33,11 @@ const DOCKER_LIKE: &str = "table ip docker_like {
 fn nft(ns: &Netns, args: &[&str], stdin: Option<&str>) -> String {
     let mut cmd = ns.command("nft");
     cmd.args(args);
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("nft (Debian's nftables)");
-    if let Some(text) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
+    let out = enclave_net_tests::process::run_with_input(
+        &mut cmd,
+        stdin.unwrap_or_default(),
+        "nft (Debian's nftables)",
+    );
     assert!(
         out.status.success(),
         "nft {args:?}: {}",

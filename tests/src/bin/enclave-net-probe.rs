@@ -128,11 +128,7 @@ async fn run(line: &str, watched: &Watched) -> String {
     let addr = |i: usize| words.get(i).and_then(|a| a.parse::<SocketAddr>().ok());
     match words.first().copied() {
         Some("exchange") => {
-            let (Some(to), Some(seed), Some(len)) = (
-                addr(1),
-                words.get(2).and_then(|s| s.parse::<u64>().ok()),
-                words.get(3).and_then(|s| s.parse::<usize>().ok()),
-            ) else {
+            let Some((to, seed, len)) = addr_seed_len(&words) else {
                 return "err usage".into();
             };
             let data = client_payload(seed, len);
@@ -145,11 +141,7 @@ async fn run(line: &str, watched: &Watched) -> String {
             }
         }
         Some("half-close") => {
-            let (Some(to), Some(seed), Some(len)) = (
-                addr(1),
-                words.get(2).and_then(|s| s.parse::<u64>().ok()),
-                words.get(3).and_then(|s| s.parse::<usize>().ok()),
-            ) else {
+            let Some((to, seed, len)) = addr_seed_len(&words) else {
                 return "err usage".into();
             };
             match TcpStream::connect(to).await {
@@ -216,6 +208,15 @@ async fn run(line: &str, watched: &Watched) -> String {
         }
         _ => format!("err unknown command {line:?}"),
     }
+}
+
+/// `COMMAND ADDR SEED LEN`'s arguments.
+fn addr_seed_len(words: &[&str]) -> Option<(SocketAddr, u64, usize)> {
+    Some((
+        words.get(1)?.parse().ok()?,
+        words.get(2)?.parse().ok()?,
+        words.get(3)?.parse().ok()?,
+    ))
 }
 
 /// One A query to `server`; the answer's rcode and addresses.
