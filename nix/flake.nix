@@ -11,7 +11,9 @@
   description = "enclave-net: Docker networking for AWS Nitro Enclaves over vsock";
 
   inputs = {
-    nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.11";
+    # The workspace needs Rust 1.91 or newer (vendor/smoltcp: edition 2024, rust-version 1.91);
+    # nixos-24.11's 1.82 cannot read its manifests.
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
     nitro-util.url = "github:monzo/aws-nitro-util";
     nitro-util.inputs.nixpkgs.follows = "nixpkgs";
   };
@@ -49,12 +51,15 @@
         enclave-proxy = only "enclave-proxy";
         host-proxy = only "host-proxy";
 
-        # The enclave image: AWS's Nitro kernel, init and NSM module (aws-nitro-util's blobs),
-        # and a root with enclave-proxy, busybox, Docker and iptables-legacy.
+        # The enclave image: AWS's Nitro kernel, init (init.c, rather than aws-nitro-util's own)
+        # and NSM module, from aws-nitro-util's blobs; a root with enclave-proxy, busybox,
+        # iptables-legacy and Docker. Docker's wrapper puts its own iptables first on its PATH,
+        # nixpkgs' nftables-based one by default: the enclave kernel has no nf_tables, so it
+        # gets iptables-legacy, and loses what an enclave has no use for.
         eif = nitro.buildEif {
           name = "enclave-net";
           arch = "x86_64";
-          inherit (nitro.blobs.x86_64) kernel kernelConfig nsmKo;
+          inherit (nitro.blobs.x86_64) kernel kernelConfig nsmKo init;
           copyToRoot = pkgs.buildEnv {
             name = "enclave-net-root";
             paths = [
@@ -62,7 +67,14 @@
               startScript
               pkgs.busybox
               pkgs.iptables-legacy
-              pkgs.docker
+              (pkgs.docker.override {
+                iptables = pkgs.iptables-legacy;
+                withSystemd = false;
+                withLvm = false;
+                withBtrfs = false;
+                buildxSupport = false;
+                composeSupport = false;
+              })
             ];
             pathsToLink = [ "/bin" "/sbin" "/etc" "/libexec" ];
           };

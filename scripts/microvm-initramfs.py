@@ -102,8 +102,10 @@ def main():
         if spec.startswith('+'):
             binary = spec[1:]
             copy(binary, binary)
-            ldd = subprocess.run(['ldd', binary], capture_output=True, text=True).stdout
-            for word in ldd.split():
+            run = subprocess.run(['ldd', binary], capture_output=True, text=True)
+            if run.returncode != 0 or 'not found' in run.stdout:
+                raise SystemExit(f'ldd {binary} failed or a library is missing:\n{run.stdout}{run.stderr}')
+            for word in run.stdout.split():
                 if word.startswith('/'):
                     copy(word, word)
         elif spec.endswith('/'):

@@ -18,25 +18,28 @@ require_root
 
 DIR=${MICROVM_DIR:-$PWD/.microvm}
 mkdir -p "$DIR"
-ensure_packages qemu-system-x86 busybox-static python3 docker.io memcached iptables
+ensure_packages qemu-system-x86 busybox-static python3 docker.io memcached iptables \
+    build-essential libc6-dev
 ensure_cargo
 
 # Debian's cloud kernel, as a package file unpacked into $DIR/kernel.
 if [ ! -f "$DIR/kernel/vmlinuz" ]; then
     stage "microVM kernel (linux-image-cloud-amd64)"
-    pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
-    [ -n "$pkg" ] || { apt-get update -q && pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}'); }
+    latest() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}' || true; }
+    pkg=$(latest)
+    [ -n "$pkg" ] || { apt-get update -q && pkg=$(latest); }
+    [ -n "$pkg" ] || { echo "no linux-image-cloud-amd64 in the package lists" >&2; exit 1; }
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
-    (cd "$work" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb root)
-    rm -rf "$DIR/kernel.new" && mkdir -p "$DIR/kernel.new"
+    (cd "$work" && apt-get download -q "$pkg" && dpkg-deb -x ./*.deb root)
+    rm -rf "$DIR/kernel.new" && mkdir -p "$DIR/kernel.new/modules"
     cp "$work"/root/boot/vmlinuz-* "$DIR/kernel.new/vmlinuz"
-    mv "$work"/root/lib/modules/* "$DIR/kernel.new/modules"
+    mv "$work"/root/lib/modules/* "$DIR/kernel.new/modules/"
     rm -rf "$DIR/kernel" && mv "$DIR/kernel.new" "$DIR/kernel"
     rm -rf "$work"
     trap - EXIT
 fi
-echo "kernel: $(ls "$DIR/kernel")"
+echo "kernel: $(ls "$DIR/kernel/modules")"
 
 # vhost-device-vsock: the host side of the guests' vsock (hybrid vsock on Unix sockets).
 if [ ! -x "$DIR/tools/bin/vhost-device-vsock" ]; then
@@ -60,8 +63,8 @@ done
 # The initramfs, rebuilt when any input is newer.
 IMAGE=$DIR/initramfs.cpio.gz
 MODULES=(vmw_vsock_virtio_transport virtio_pci virtio_rng tun)
-inputs=(microvm/init scripts/microvm-initramfs.py "$BIN/enclave-proxy" "$BIN/host-proxy"
-        "$BIN/enclave-net-probe" /bin/busybox)
+inputs=(microvm/init scripts/microvm-initramfs.py scripts/microvm.sh "$DIR/kernel/vmlinuz"
+        "$BIN/enclave-proxy" "$BIN/host-proxy" "$BIN/enclave-net-probe" /bin/busybox)
 stale=0
 [ -f "$IMAGE" ] || stale=1
 for f in "${inputs[@]}"; do [ "$f" -nt "$IMAGE" ] && stale=1; done
@@ -80,7 +83,7 @@ DOCKER_BINARIES=(/usr/sbin/dockerd /usr/bin/containerd /usr/bin/containerd-shim-
                  /usr/sbin/runc /usr/bin/docker /usr/sbin/docker-proxy /usr/sbin/xtables-legacy-multi)
 stale=0
 [ -f "$DOCKER_IMAGE" ] || stale=1
-for f in "${inputs[@]}" "${DOCKER_BINARIES[@]}" /usr/bin/memcached; do
+for f in "${inputs[@]}" "${DOCKER_BINARIES[@]}" /usr/bin/memcached /usr/bin/docker-init; do
     [ "$f" -nt "$DOCKER_IMAGE" ] && stale=1
 done
 if [ $stale = 1 ]; then

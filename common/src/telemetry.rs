@@ -66,7 +66,8 @@ pub fn notify_ready() {
 ///   a thread of its own, so the daemon serves whether or not anyone reads.
 /// - Otherwise PATH is created holding the line (written beside it, then renamed, so a reader
 ///   never sees half of it), and removed when the daemon stops. A regular file left from an
-///   earlier run is removed at start ([`ReadyFile::new`]), so it never says ready too early.
+///   earlier run is removed when the daemon starts ([`ReadyFile::new`]); a script that looks
+///   for the file should still remove it before starting the daemon, or use a FIFO.
 #[derive(Debug)]
 pub struct ReadyFile(std::path::PathBuf);
 

@@ -64,7 +64,16 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// `--resolv-conf` could not be written, or a stale `--ready-file` removed.
+    /// A stale `--ready-file` could not be removed.
+    #[error("cannot remove the stale ready file {path}: {source}")]
+    ReadyFile {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--resolv-conf` could not be written.
     #[error("cannot write {path}: {source}")]
     ResolvConf {
         /// The path.
@@ -100,7 +109,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let ready_file =
         match &config.ready_file {
             Some(path) => Some(common::telemetry::ReadyFile::new(path.clone()).map_err(
-                |source| StartError::ResolvConf {
+                |source| StartError::ReadyFile {
                     path: path.clone(),
                     source,
                 },

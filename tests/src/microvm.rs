@@ -27,8 +27,10 @@ pub fn dir() -> PathBuf {
         PathBuf::from,
     );
     assert!(
-        dir.join("initramfs.cpio.gz").exists(),
-        "{} has no microVM image: run scripts/microvm.sh first (scripts/test.sh does)",
+        ["initramfs.cpio.gz", "initramfs-docker.cpio"]
+            .iter()
+            .all(|image| dir.join(image).exists()),
+        "{} has no microVM images: run scripts/microvm.sh first (scripts/test.sh does)",
         dir.display()
     );
     dir
