@@ -216,14 +216,9 @@ fn load_again(running: &[&Config]) -> Result<Vec<Config>, String> {
         &crate::config::PER_ENCLAVE,
     )
     .map_err(|e| e.to_string())?;
-    let names = |all: &mut dyn Iterator<Item = &Config>| -> Vec<String> {
-        all.map(|c| format!("{} at {}", c.label(), c.enclave))
-            .collect()
-    };
-    let (now, before) = (
-        names(&mut loaded.iter().map(|(c, _)| c)),
-        names(&mut running.iter().copied()),
-    );
+    let key = |c: &Config| format!("{} at {}", c.label(), c.enclave);
+    let now: Vec<String> = loaded.iter().map(|(c, _)| key(c)).collect();
+    let before: Vec<String> = running.iter().map(|c| key(c)).collect();
     if now != before {
         return Err(format!(
             "the enclaves changed from {before:?} to {now:?}; that takes a restart"
